@@ -1,0 +1,824 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+)
+
+const (
+	testClientID     = "test-client-id"
+	testClientSecret = "test-client-secret"
+	// testAuthorization is what Spotify must receive: "Basic " and the
+	// base64 of "test-client-id:test-client-secret", spelled out.
+	testAuthorization = "Basic dGVzdC1jbGllbnQtaWQ6dGVzdC1jbGllbnQtc2VjcmV0"
+	testCallback      = "testapp://callback"
+	testWebCallback   = "https://app.example.com/callback"
+	testSecret        = "test-encryption-secret-0123456789abcdef"
+)
+
+// fakeSpotify plays Spotify's token endpoint.
+type fakeSpotify struct {
+	url   string
+	mu    sync.Mutex
+	forms []string // the form bodies received, in order
+}
+
+// spotifyFunc answers a token request whose form is form.
+type spotifyFunc func(w http.ResponseWriter, r *http.Request, form url.Values)
+
+// newFakeSpotify starts a fake token endpoint. It fails the test on any
+// request that is not what the service must send, records the form body, and
+// lets answer reply.
+func newFakeSpotify(t testing.TB, answer spotifyFunc) *fakeSpotify {
+	t.Helper()
+	f := &fakeSpotify{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost || r.URL.Path != "/api/token" || r.URL.RawQuery != "" {
+			t.Errorf("Spotify got %s %s, want POST /api/token", r.Method, r.URL)
+		}
+		if got := r.Header.Get("Authorization"); got != testAuthorization {
+			t.Errorf("Spotify got Authorization %q, want %q", got, testAuthorization)
+		}
+		if got, want := r.Header.Get("Content-Type"), "application/x-www-form-urlencoded"; got != want {
+			t.Errorf("Spotify got Content-Type %q, want %q", got, want)
+		}
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			t.Errorf("Spotify reading the body: %v", err)
+		}
+		form, err := url.ParseQuery(string(body))
+		if err != nil {
+			t.Errorf("Spotify got a body that is no form: %q: %v", body, err)
+		}
+		f.mu.Lock()
+		f.forms = append(f.forms, string(body))
+		f.mu.Unlock()
+		answer(w, r, form)
+	}))
+	t.Cleanup(srv.Close)
+	f.url = srv.URL
+	return f
+}
+
+// received returns the form bodies Spotify got so far.
+func (f *fakeSpotify) received() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.forms...)
+}
+
+// tokenJSON is a token answer in Spotify's members, spaced unlike Go's
+// encoder would, so that a service that re-encodes it fails the tests.
+func tokenJSON(access, refresh string) string {
+	s := `{"access_token": "` + access + `", "token_type": "Bearer", "expires_in": 3600`
+	if refresh != "" {
+		s += `, "refresh_token": "` + refresh + `"`
+	}
+	return s + `, "scope": "user-read-email playlist-read-private"}`
+}
+
+// spotifyError writes an error as Spotify's accounts service does.
+func spotifyError(w http.ResponseWriter, status int, code, description string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	fmt.Fprintf(w, `{"error":%q,"error_description":%q}`, code, description)
+}
+
+// likeSpotify answers as Spotify does, with tokens named after the code or
+// refresh token they were granted for, so that a test can tell whose answer
+// it got. The code "used" and the refresh token "revoked" are refused; a
+// refresh token that starts with "rotate" is replaced by a new one.
+func likeSpotify(w http.ResponseWriter, r *http.Request, form url.Values) {
+	switch form.Get("grant_type") {
+	case "authorization_code":
+		code := form.Get("code")
+		if code == "used" {
+			spotifyError(w, http.StatusBadRequest, "invalid_grant", "Invalid authorization code")
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, tokenJSON("at-"+code, "rt-"+code))
+	case "refresh_token":
+		rt := form.Get("refresh_token")
+		if rt == "revoked" {
+			spotifyError(w, http.StatusBadRequest, "invalid_grant", "Refresh token revoked")
+			return
+		}
+		rotated := ""
+		if strings.HasPrefix(rt, "rotate") {
+			rotated = "rotated-" + rt
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, tokenJSON("at-from-"+rt, rotated))
+	case "client_credentials":
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"access_token":"app-token","token_type":"Bearer","expires_in":3600}`)
+	default:
+		spotifyError(w, http.StatusBadRequest, "unsupported_grant_type", "grant_type parameter is missing")
+	}
+}
+
+// testEnv is the environment of a service under test; set overrides it.
+func testEnv(accountsURL string, set map[string]string) func(string) string {
+	env := map[string]string{
+		"SPOTIFY_CLIENT_ID":           testClientID,
+		"SPOTIFY_CLIENT_SECRET":       testClientSecret,
+		"SPOTIFY_CLIENT_CALLBACK_URL": testCallback + "," + testWebCallback,
+		"SPOTIFY_ACCOUNTS_URL":        accountsURL,
+	}
+	for k, v := range set {
+		env[k] = v
+	}
+	return func(name string) string { return env[name] }
+}
+
+// syncBuffer is a bytes.Buffer that the server's goroutines can log to.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// testService is the service under test, in front of a fake Spotify.
+type testService struct {
+	url     string
+	spotify *fakeSpotify
+	log     *syncBuffer
+	close   func() // stops the service, waiting for requests in flight
+}
+
+// startService starts the service with the test environment and env, in
+// front of a fake Spotify that answers with answer.
+func startService(t testing.TB, answer spotifyFunc, env map[string]string) *testService {
+	t.Helper()
+	spotify := newFakeSpotify(t, answer)
+	cfg, err := loadConfig(testEnv(spotify.url, env))
+	if err != nil {
+		t.Fatalf("loadConfig: %v", err)
+	}
+	log := &syncBuffer{}
+	srv := httptest.NewServer(newServer(slog.New(slog.NewJSONHandler(log, nil)), cfg, newSpotifyClient(cfg)))
+	t.Cleanup(srv.Close)
+	return &testService{url: srv.URL, spotify: spotify, log: log, close: srv.Close}
+}
+
+// reply is what the service answered.
+type reply struct {
+	status int
+	header http.Header
+	body   string
+}
+
+// send makes a request to the service; a contentType of "" sends none.
+func send(t testing.TB, method, url, contentType, body string, header ...string) reply {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: reading the body: %v", method, url, err)
+	}
+	return reply{resp.StatusCode, resp.Header, string(b)}
+}
+
+// checkJSON fails the test unless an answer has the headers every answer must
+// have and a JSON object for a body; it returns the object's string members.
+func checkJSON(t testing.TB, what string, r reply) map[string]any {
+	t.Helper()
+	for name, want := range map[string]string{
+		"Content-Type":  "application/json",
+		"Cache-Control": "no-store",
+		"Pragma":        "no-cache",
+	} {
+		if got := r.header.Get(name); got != want {
+			t.Errorf("%s: %s = %q, want %q", what, name, got, want)
+		}
+	}
+	var obj map[string]any
+	if err := json.Unmarshal([]byte(r.body), &obj); err != nil {
+		t.Errorf("%s: body %q is not a JSON object: %v", what, r.body, err)
+	}
+	return obj
+}
+
+// checkError fails the test unless an answer is the given OAuth error.
+func checkError(t testing.TB, what string, r reply, wantStatus int, wantError string) {
+	t.Helper()
+	obj := checkJSON(t, what, r)
+	if r.status != wantStatus || obj["error"] != wantError {
+		t.Errorf("%s = %d %s, want %d with error %q", what, r.status, r.body, wantStatus, wantError)
+	}
+	if d, _ := obj["error_description"].(string); d == "" || len(obj) != 2 {
+		t.Errorf("%s: body %s, want an error and an error_description only", what, r.body)
+	}
+}
+
+const (
+	formType    = "application/x-www-form-urlencoded"
+	jsonType    = "application/json"
+	noneType    = ""
+	tokenPath   = "/api/token"
+	refreshPath = "/api/refresh_token"
+)
+
+// TestSwapsAndRefreshes replays what real clients send and checks the exact
+// form Spotify receives and that Spotify's answer comes back unchanged.
+func TestSwapsAndRefreshes(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name        string
+		path        string
+		contentType string
+		body        string
+		wantForm    string // exactly what Spotify must receive
+		wantStatus  int
+		wantBody    string
+	}{
+		{
+			name: "iOS SDK swap: bare code, no Content-Type",
+			path: tokenPath, contentType: noneType,
+			body:       "code=AQDios-code_123",
+			wantForm:   "grant_type=authorization_code&code=AQDios-code_123&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-AQDios-code_123", "rt-AQDios-code_123"),
+		},
+		{
+			name: "iOS SDK refresh",
+			path: refreshPath, contentType: formType,
+			body:       "client_id=" + testClientID + "&grant_type=refresh_token&refresh_token=AQBios-refresh",
+			wantForm:   "grant_type=refresh_token&refresh_token=AQBios-refresh",
+			wantStatus: 200, wantBody: tokenJSON("at-from-AQBios-refresh", ""),
+		},
+		{
+			name: "AppAuth swap with PKCE",
+			path: tokenPath, contentType: "application/x-www-form-urlencoded; charset=UTF-8",
+			body:       "grant_type=authorization_code&code=AQDapp&redirect_uri=testapp%3A%2F%2Fcallback&code_verifier=Vx9-._~verifier&client_id=" + testClientID,
+			wantForm:   "grant_type=authorization_code&code=AQDapp&redirect_uri=testapp%3A%2F%2Fcallback&code_verifier=Vx9-._~verifier",
+			wantStatus: 200, wantBody: tokenJSON("at-AQDapp", "rt-AQDapp"),
+		},
+		{
+			name: "AppAuth refresh at the token endpoint",
+			path: tokenPath, contentType: formType,
+			body:       "grant_type=refresh_token&refresh_token=AQBapp&client_id=" + testClientID,
+			wantForm:   "grant_type=refresh_token&refresh_token=AQBapp",
+			wantStatus: 200, wantBody: tokenJSON("at-from-AQBapp", ""),
+		},
+		{
+			name: "browser fetch swap, JSON, second callback URL",
+			path: tokenPath, contentType: jsonType,
+			body:       `{"code":"AQDweb","redirect_uri":"https://app.example.com/callback","state":"x1"}`,
+			wantForm:   "grant_type=authorization_code&code=AQDweb&redirect_uri=https%3A%2F%2Fapp.example.com%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-AQDweb", "rt-AQDweb"),
+		},
+		{
+			name: "browser fetch refresh, JSON with charset",
+			path: refreshPath, contentType: "application/json; charset=utf-8",
+			body:       "{\n  \"refresh_token\": \"AQBweb\"\n}\n",
+			wantForm:   "grant_type=refresh_token&refresh_token=AQBweb",
+			wantStatus: 200, wantBody: tokenJSON("at-from-AQBweb", ""),
+		},
+		{
+			name: "JSON members the service does not read may be anything",
+			path: tokenPath, contentType: jsonType,
+			body:       `{"code":"AQDx","client_id":null,"extra":{"a":[1,2.5,true]}}`,
+			wantForm:   "grant_type=authorization_code&code=AQDx&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-AQDx", "rt-AQDx"),
+		},
+		{
+			name: "escapes are decoded and encoded again",
+			path: tokenPath, contentType: formType,
+			body:       "code=a%2Bb%2Fc%3D+d&state=%F0%9F%8E%B5",
+			wantForm:   "grant_type=authorization_code&code=a%2Bb%2Fc%3D+d&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-a+b/c= d", "rt-a+b/c= d"),
+		},
+		{
+			name: "empty optional fields count as absent",
+			path: tokenPath, contentType: formType,
+			body:       "grant_type=&code=AQDe&redirect_uri=&code_verifier=(null)",
+			wantForm:   "grant_type=authorization_code&code=AQDe&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-AQDe", "rt-AQDe"),
+		},
+		{
+			name: "Spotify's invalid_grant comes back as is",
+			path: tokenPath, contentType: formType,
+			body:       "code=used",
+			wantForm:   "grant_type=authorization_code&code=used&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 400, wantBody: `{"error":"invalid_grant","error_description":"Invalid authorization code"}`,
+		},
+		{
+			name: "a rotated refresh token comes back",
+			path: refreshPath, contentType: formType,
+			body:       "refresh_token=rotate-1",
+			wantForm:   "grant_type=refresh_token&refresh_token=rotate-1",
+			wantStatus: 200, wantBody: tokenJSON("at-from-rotate-1", "rotated-rotate-1"),
+		},
+		{
+			name: "a body of exactly 64 KiB is read",
+			path: tokenPath, contentType: formType,
+			body:       "code=" + strings.Repeat("c", maxBodyBytes-len("code=")),
+			wantForm:   "grant_type=authorization_code&code=" + strings.Repeat("c", maxBodyBytes-len("code=")) + "&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-"+strings.Repeat("c", maxBodyBytes-len("code=")), "rt-"+strings.Repeat("c", maxBodyBytes-len("code="))),
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			svc := startService(t, likeSpotify, nil)
+			got := send(t, "POST", svc.url+tt.path, tt.contentType, tt.body)
+			checkJSON(t, "POST "+tt.path, got)
+			if got.status != tt.wantStatus || got.body != tt.wantBody {
+				t.Errorf("POST %s = %d %s, want %d %s", tt.path, got.status, got.body, tt.wantStatus, tt.wantBody)
+			}
+			if forms := svc.spotify.received(); len(forms) != 1 || forms[0] != tt.wantForm {
+				t.Errorf("Spotify received %q, want exactly [%q]", forms, tt.wantForm)
+			}
+		})
+	}
+}
+
+// TestRefusesBadRequests checks the errors the service answers itself, and
+// that no bad request reaches Spotify.
+func TestRefusesBadRequests(t *testing.T) {
+	t.Parallel()
+	tooLarge := "code=" + strings.Repeat("c", maxBodyBytes)
+	tests := []struct {
+		name        string
+		method      string
+		path        string
+		contentType string
+		body        string
+		wantStatus  int
+		wantError   string
+	}{
+		{"no code", "POST", tokenPath, formType, "", 400, "invalid_request"},
+		{"empty code", "POST", tokenPath, formType, "code=", 400, "invalid_request"},
+		{"code (null), as the iOS SDK sends nil", "POST", tokenPath, noneType, "code=(null)", 400, "invalid_request"},
+		{"code (null), escaped", "POST", tokenPath, formType, "code=%28null%29", 400, "invalid_request"},
+		{"JSON code null", "POST", tokenPath, jsonType, `{"code":null}`, 400, "invalid_request"},
+		{"no refresh_token", "POST", refreshPath, formType, "grant_type=refresh_token", 400, "invalid_request"},
+		{"refresh_token (null)", "POST", refreshPath, formType, "refresh_token=(null)", 400, "invalid_request"},
+		{"no refresh_token at the token endpoint", "POST", tokenPath, formType, "grant_type=refresh_token&code=x", 400, "invalid_request"},
+		{"grant_type password", "POST", tokenPath, formType, "grant_type=password&code=x", 400, "unsupported_grant_type"},
+		{"grant_type client_credentials: no app tokens for anyone", "POST", tokenPath, formType, "grant_type=client_credentials", 400, "unsupported_grant_type"},
+		{"code grant at the refresh endpoint", "POST", refreshPath, formType, "grant_type=authorization_code&refresh_token=x", 400, "unsupported_grant_type"},
+		{"redirect_uri not configured", "POST", tokenPath, formType, "code=x&redirect_uri=evil%3A%2F%2Fcallback", 400, "invalid_request"},
+		{"redirect_uri that only starts like one", "POST", tokenPath, formType, "code=x&redirect_uri=testapp%3A%2F%2Fcallback%2Fx", 400, "invalid_request"},
+		{"bad form escape", "POST", tokenPath, formType, "code=%zz", 400, "invalid_request"},
+		{"bad escape in a field not read", "POST", tokenPath, formType, "code=x&state=%", 400, "invalid_request"},
+		{"code twice", "POST", tokenPath, formType, "code=a&code=b", 400, "invalid_request"},
+		{"code twice, once empty", "POST", tokenPath, formType, "code=&code=b", 400, "invalid_request"},
+		{"refresh_token twice", "POST", refreshPath, formType, "refresh_token=a&refresh_token=a", 400, "invalid_request"},
+		{"grant_type twice", "POST", tokenPath, formType, "grant_type=authorization_code&code=a&grant_type=authorization_code", 400, "invalid_request"},
+		{"JSON code twice", "POST", tokenPath, jsonType, `{"code":"a","code":"b"}`, 400, "invalid_request"},
+		{"JSON truncated", "POST", tokenPath, jsonType, `{"code":"a"`, 400, "invalid_request"},
+		{"JSON empty body", "POST", tokenPath, jsonType, ``, 400, "invalid_request"},
+		{"JSON array", "POST", tokenPath, jsonType, `["code","a"]`, 400, "invalid_request"},
+		{"JSON string", "POST", tokenPath, jsonType, `"code=a"`, 400, "invalid_request"},
+		{"JSON code a number", "POST", tokenPath, jsonType, `{"code":12345}`, 400, "invalid_request"},
+		{"JSON code an object", "POST", tokenPath, jsonType, `{"code":{"value":"a"}}`, 400, "invalid_request"},
+		{"JSON with data after the object", "POST", tokenPath, jsonType, `{"code":"a"} {"code":"b"}`, 400, "invalid_request"},
+		{"form sent as JSON", "POST", tokenPath, jsonType, `code=a`, 400, "invalid_request"},
+		{"text/plain", "POST", tokenPath, "text/plain;charset=UTF-8", "code=a", 415, "invalid_request"},
+		{"multipart", "POST", refreshPath, "multipart/form-data; boundary=x", "--x--", 415, "invalid_request"},
+		{"body over 64 KiB", "POST", tokenPath, formType, tooLarge, 413, "invalid_request"},
+		{"JSON body over 64 KiB", "POST", refreshPath, jsonType, `{"refresh_token":"` + tooLarge + `"}`, 413, "invalid_request"},
+		{"GET the token endpoint", "GET", tokenPath, noneType, "", 405, "invalid_request"},
+		{"PUT the refresh endpoint", "PUT", refreshPath, formType, "refresh_token=a", 405, "invalid_request"},
+		{"OPTIONS without CORS", "OPTIONS", tokenPath, noneType, "", 405, "invalid_request"},
+		{"POST /healthz", "POST", "/healthz", formType, "", 405, "invalid_request"},
+		{"DELETE /", "DELETE", "/", noneType, "", 405, "invalid_request"},
+		{"unknown path", "POST", "/swap", formType, "code=a", 404, "not_found"},
+		{"trailing slash", "POST", tokenPath + "/", formType, "code=a", 404, "not_found"},
+		{"unclean path, which ServeMux would redirect", "POST", "/x/.." + tokenPath, formType, "code=a", 404, "not_found"},
+		{"double slash", "GET", "//healthz", noneType, "", 404, "not_found"},
+		{"query instead of body", "POST", tokenPath + "?code=a", formType, "", 400, "invalid_request"},
+	}
+	svc := startService(t, likeSpotify, nil)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := send(t, tt.method, svc.url+tt.path, tt.contentType, tt.body)
+			checkError(t, tt.method+" "+tt.path, got, tt.wantStatus, tt.wantError)
+		})
+	}
+	if forms := svc.spotify.received(); len(forms) != 0 {
+		t.Errorf("Spotify received %d requests, want none", len(forms))
+	}
+}
+
+func TestMethodNotAllowedNamesTheMethods(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, nil)
+	for path, want := range map[string]string{tokenPath: "POST", refreshPath: "POST", "/healthz": "GET, HEAD", "/": "GET, HEAD"} {
+		got := send(t, "PATCH", svc.url+path, noneType, "")
+		if got.status != 405 || got.header.Get("Allow") != want {
+			t.Errorf("PATCH %s = %d with Allow %q, want 405 with Allow %q", path, got.status, got.header.Get("Allow"), want)
+		}
+	}
+}
+
+// TestChunkedBodyOverLimit sends a body with no Content-Length, so that the
+// limit must hold while reading.
+func TestChunkedBodyOverLimit(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, nil)
+	body := io.MultiReader(strings.NewReader("code="), strings.NewReader(strings.Repeat("c", 2*maxBodyBytes)))
+	req, err := http.NewRequest("POST", svc.url+tokenPath, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", formType)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	checkError(t, "chunked POST", reply{resp.StatusCode, resp.Header, string(b)}, 413, "invalid_request")
+}
+
+func TestHealthAndIndex(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "https://secret-origin.example"})
+	got := send(t, "GET", svc.url+"/healthz", noneType, "")
+	checkJSON(t, "GET /healthz", got)
+	if got.status != 200 || got.body != `{"status":"ok"}` {
+		t.Errorf("GET /healthz = %d %s, want 200 {\"status\":\"ok\"}", got.status, got.body)
+	}
+	got = send(t, "GET", svc.url+"/", noneType, "")
+	obj := checkJSON(t, "GET /", got)
+	if got.status != 200 || obj["service"] != "spotify-token-swap" || !strings.Contains(got.body, "POST /api/token") {
+		t.Errorf("GET / = %d %s, want 200 naming the service and its endpoints", got.status, got.body)
+	}
+	for _, setting := range []string{testClientID, testClientSecret, testCallback, testWebCallback, "secret-origin", svc.spotify.url} {
+		if strings.Contains(got.body, setting) {
+			t.Errorf("GET / shows the setting %q: %s", setting, got.body)
+		}
+	}
+	if n := len(svc.spotify.received()); n != 0 {
+		t.Errorf("Spotify received %d requests, want none", n)
+	}
+}
+
+// TestSpotifyFaults checks what the client sees when Spotify fails.
+func TestSpotifyFaults(t *testing.T) {
+	t.Parallel()
+	huge := `{"access_token":"` + strings.Repeat("a", 2<<20) + `"}`
+	tests := []struct {
+		name           string
+		answer         spotifyFunc
+		wantStatus     int
+		wantBody       string // exact, where Spotify's answer is relayed
+		wantError      string // where the service answers itself
+		wantRetryAfter string
+	}{
+		{
+			name: "connection reset",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				conn, _, err := http.NewResponseController(w).Hijack()
+				if err != nil {
+					panic(err)
+				}
+				conn.(*net.TCPConn).SetLinger(0)
+				conn.Close()
+			},
+			wantStatus: 502, wantError: "server_error",
+		},
+		{
+			name: "HTML 500",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				w.Header().Set("Content-Type", "text/html")
+				w.WriteHeader(500)
+				io.WriteString(w, "<html><body><h1>500 Internal Server Error</h1></body></html>")
+			},
+			wantStatus: 502, wantError: "server_error",
+		},
+		{
+			name: "2 MiB answer",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				io.WriteString(w, huge)
+			},
+			wantStatus: 502, wantError: "server_error",
+		},
+		{
+			name: "empty 200",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				w.WriteHeader(200)
+			},
+			wantStatus: 502, wantError: "server_error",
+		},
+		{
+			name: "JSON that is not an object",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				io.WriteString(w, `["access_token"]`)
+			},
+			wantStatus: 502, wantError: "server_error",
+		},
+		{
+			name: "truncated JSON",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				io.WriteString(w, `{"access_token":"at"`)
+			},
+			wantStatus: 502, wantError: "server_error",
+		},
+		{
+			name: "429 with a JSON body",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				w.Header().Set("Retry-After", "7")
+				spotifyError(w, 429, "rate_limited", "API rate limit exceeded")
+			},
+			wantStatus: 429, wantBody: `{"error":"rate_limited","error_description":"API rate limit exceeded"}`, wantRetryAfter: "7",
+		},
+		{
+			name: "429 without a body",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				w.Header().Set("Retry-After", "30")
+				w.WriteHeader(429)
+			},
+			wantStatus: 429, wantError: "temporarily_unavailable", wantRetryAfter: "30",
+		},
+		{
+			name: "429 with a text body",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				w.Header().Set("Retry-After", "5")
+				http.Error(w, "Too Many Requests", 429)
+			},
+			wantStatus: 429, wantError: "temporarily_unavailable", wantRetryAfter: "5",
+		},
+		{
+			name: "503 with a JSON body and Retry-After",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				w.Header().Set("Retry-After", "120")
+				spotifyError(w, 503, "temporarily_unavailable", "Service unavailable")
+			},
+			wantStatus: 503, wantBody: `{"error":"temporarily_unavailable","error_description":"Service unavailable"}`, wantRetryAfter: "120",
+		},
+		{
+			name: "invalid_client",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				spotifyError(w, 400, "invalid_client", "Invalid client secret")
+			},
+			wantStatus: 400, wantBody: `{"error":"invalid_client","error_description":"Invalid client secret"}`,
+		},
+		{
+			name: "headers slower than SPOTIFY_TIMEOUT",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				<-r.Context().Done() // until the service gives up
+			},
+			wantStatus: 504, wantError: "server_error",
+		},
+		{
+			name: "body slower than SPOTIFY_TIMEOUT",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				io.WriteString(w, `{"access_token":`)
+				http.NewResponseController(w).Flush()
+				<-r.Context().Done()
+			},
+			wantStatus: 504, wantError: "server_error",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			svc := startService(t, tt.answer, map[string]string{"SPOTIFY_TIMEOUT": "200ms"})
+			for _, path := range []string{tokenPath, refreshPath} {
+				got := send(t, "POST", svc.url+path, formType, "code=AQDfault&refresh_token=AQBfault")
+				if tt.wantError != "" {
+					checkError(t, "POST "+path, got, tt.wantStatus, tt.wantError)
+				} else if checkJSON(t, "POST "+path, got); got.status != tt.wantStatus || got.body != tt.wantBody {
+					t.Errorf("POST %s = %d %s, want %d %s", path, got.status, got.body, tt.wantStatus, tt.wantBody)
+				}
+				if ra := got.header.Get("Retry-After"); ra != tt.wantRetryAfter {
+					t.Errorf("POST %s: Retry-After = %q, want %q", path, ra, tt.wantRetryAfter)
+				}
+			}
+			// A code is single-use: a failed exchange is never retried.
+			if n := len(svc.spotify.received()); n != 2 {
+				t.Errorf("Spotify received %d requests, want 2 (one per endpoint, no retry)", n)
+			}
+		})
+	}
+}
+
+func TestSpotifyDown(t *testing.T) {
+	t.Parallel()
+	down := httptest.NewServer(http.NotFoundHandler())
+	down.Close() // nothing listens at its address any more
+	cfg, err := loadConfig(testEnv(down.URL, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := &syncBuffer{}
+	svc := httptest.NewServer(newServer(slog.New(slog.NewJSONHandler(log, nil)), cfg, newSpotifyClient(cfg)))
+	defer svc.Close()
+	for _, path := range []string{tokenPath, refreshPath} {
+		got := send(t, "POST", svc.URL+path, formType, "code=AQDdown&refresh_token=AQBdown")
+		checkError(t, "POST "+path, got, 502, "server_error")
+	}
+	if !strings.Contains(log.String(), "connection refused") {
+		t.Errorf("the log does not say why Spotify could not be reached:\n%s", log)
+	}
+}
+
+// TestConcurrentClients checks that each of 200 clients at once gets the
+// answer to its own code.
+func TestConcurrentClients(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, nil)
+	const clients = 200
+	var wg sync.WaitGroup
+	for i := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			code := fmt.Sprintf("AQDclient%03d", i)
+			got := send(t, "POST", svc.url+tokenPath, noneType, "code="+code)
+			if want := tokenJSON("at-"+code, "rt-"+code); got.status != 200 || got.body != want {
+				t.Errorf("client %d: POST /api/token = %d %s, want 200 %s", i, got.status, got.body, want)
+			}
+		}()
+	}
+	wg.Wait()
+	forms := svc.spotify.received()
+	seen := make(map[string]bool)
+	for _, f := range forms {
+		seen[f] = true
+	}
+	for i := range clients {
+		want := fmt.Sprintf("grant_type=authorization_code&code=AQDclient%03d&redirect_uri=testapp%%3A%%2F%%2Fcallback", i)
+		if !seen[want] {
+			t.Errorf("Spotify never received %q", want)
+		}
+	}
+	if len(forms) != clients {
+		t.Errorf("Spotify received %d requests, want %d", len(forms), clients)
+	}
+}
+
+// TestLogsHoldNoSecrets runs exchanges, refreshes and failures, with sealing
+// on, and checks the log: one line per request, X-Request-Id kept, and no
+// code, token or secret anywhere.
+func TestLogsHoldNoSecrets(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, map[string]string{"ENCRYPTION_SECRET": testSecret})
+	swap := send(t, "POST", svc.url+tokenPath, noneType, "code=AQDsecretcode", "X-Request-Id", "req-swap-1")
+	var tokens struct {
+		AccessToken  string `json:"access_token"`
+		RefreshToken string `json:"refresh_token"`
+	}
+	if err := json.Unmarshal([]byte(swap.body), &tokens); err != nil || swap.status != 200 {
+		t.Fatalf("POST /api/token = %d %s", swap.status, swap.body)
+	}
+	if got := send(t, "POST", svc.url+refreshPath, formType, "refresh_token="+tokens.RefreshToken, "X-Request-Id", "req-refresh-2"); got.status != 200 {
+		t.Fatalf("POST /api/refresh_token = %d %s, want 200", got.status, got.body)
+	}
+	send(t, "POST", svc.url+tokenPath, jsonType, `{"code":"AQDjsoncode"}`)
+	send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQBrawtoken")
+	send(t, "POST", svc.url+tokenPath, formType, "code=AQDtwice&code=AQDtwice")
+	send(t, "GET", svc.url+tokenPath+"?code=AQDinquery", noneType, "")
+	svc.close()
+
+	log := svc.log.String()
+	secrets := []string{
+		"AQDsecretcode", "rt-AQDsecretcode", "at-AQDsecretcode", tokens.RefreshToken, "at-from-rt-AQDsecretcode",
+		"AQBrawtoken", "AQDtwice", "AQDinquery", "AQDjsoncode",
+		testClientSecret, testAuthorization, strings.TrimPrefix(testAuthorization, "Basic "), testSecret,
+	}
+	for _, s := range secrets {
+		if strings.Contains(log, s) {
+			t.Errorf("the log holds %q:\n%s", s, log)
+		}
+	}
+	lines := strings.Split(strings.TrimSpace(log), "\n")
+	if len(lines) != 6 {
+		t.Errorf("the log has %d lines, want one per request (6):\n%s", len(lines), log)
+	}
+	var first struct {
+		Method, Path, RequestID string
+		Status, SpotifyStatus   int
+	}
+	if err := json.Unmarshal([]byte(strings.NewReplacer("request_id", "RequestID", "spotify_status", "SpotifyStatus").Replace(lines[0])), &first); err != nil {
+		t.Fatalf("log line %q: %v", lines[0], err)
+	}
+	if first.Method != "POST" || first.Path != tokenPath || first.Status != 200 || first.SpotifyStatus != 200 || first.RequestID != "req-swap-1" {
+		t.Errorf("first log line = %+v, want POST /api/token 200, Spotify 200, request ID req-swap-1", first)
+	}
+}
+
+func TestCORS(t *testing.T) {
+	t.Parallel()
+	const page = "https://app.example.com"
+	corsHeaders := func(h http.Header) []string {
+		var names []string
+		for name := range h {
+			if strings.HasPrefix(name, "Access-Control-") {
+				names = append(names, name)
+			}
+		}
+		return names
+	}
+	t.Run("unset: no CORS headers", func(t *testing.T) {
+		t.Parallel()
+		svc := startService(t, likeSpotify, nil)
+		got := send(t, "POST", svc.url+tokenPath, formType, "code=a", "Origin", page)
+		if names := corsHeaders(got.header); len(names) != 0 || got.header.Get("Vary") != "" {
+			t.Errorf("POST with Origin: CORS headers %v, Vary %q, want none", names, got.header.Get("Vary"))
+		}
+		got = send(t, "OPTIONS", svc.url+tokenPath, noneType, "", "Origin", page, "Access-Control-Request-Method", "POST")
+		checkError(t, "preflight", got, 405, "invalid_request")
+		if names := corsHeaders(got.header); len(names) != 0 {
+			t.Errorf("preflight: CORS headers %v, want none", names)
+		}
+	})
+	t.Run("listed origins", func(t *testing.T) {
+		t.Parallel()
+		svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "http://localhost:5173, " + page})
+		for _, path := range []string{tokenPath, refreshPath} {
+			got := send(t, "OPTIONS", svc.url+path, noneType, "",
+				"Origin", page, "Access-Control-Request-Method", "POST", "Access-Control-Request-Headers", "content-type")
+			want := map[string]string{
+				"Access-Control-Allow-Origin":  page,
+				"Access-Control-Allow-Methods": "POST, OPTIONS",
+				"Access-Control-Allow-Headers": "Content-Type",
+				"Access-Control-Max-Age":       "7200",
+				"Vary":                         "Origin",
+			}
+			for name, value := range want {
+				if got.header.Get(name) != value {
+					t.Errorf("preflight %s: %s = %q, want %q", path, name, got.header.Get(name), value)
+				}
+			}
+			if got.status != 204 || got.body != "" {
+				t.Errorf("preflight %s = %d %q, want 204 and no body", path, got.status, got.body)
+			}
+		}
+		got := send(t, "POST", svc.url+tokenPath, jsonType, `{"code":"AQDweb"}`, "Origin", page)
+		if got.status != 200 || got.header.Get("Access-Control-Allow-Origin") != page || got.header.Get("Vary") != "Origin" {
+			t.Errorf("POST from %s = %d, Allow-Origin %q, Vary %q; want 200, %s, Origin", page, got.status,
+				got.header.Get("Access-Control-Allow-Origin"), got.header.Get("Vary"), page)
+		}
+		if got.header.Get("Access-Control-Expose-Headers") != "Retry-After" {
+			t.Errorf("POST from %s: Access-Control-Expose-Headers = %q, want Retry-After", page, got.header.Get("Access-Control-Expose-Headers"))
+		}
+		// The page must be able to read the error, too.
+		got = send(t, "POST", svc.url+tokenPath, jsonType, `{}`, "Origin", "http://localhost:5173")
+		checkError(t, "POST without code", got, 400, "invalid_request")
+		if got.header.Get("Access-Control-Allow-Origin") != "http://localhost:5173" {
+			t.Errorf("error answer: Access-Control-Allow-Origin = %q, want http://localhost:5173", got.header.Get("Access-Control-Allow-Origin"))
+		}
+		for _, other := range []string{"https://evil.example", "https://app.example.com.evil.example", "null", "HTTPS://APP.EXAMPLE.COM"} {
+			got = send(t, "POST", svc.url+tokenPath, formType, "code=a", "Origin", other)
+			if names := corsHeaders(got.header); len(names) != 0 {
+				t.Errorf("POST from %s: CORS headers %v, want none", other, names)
+			}
+			got = send(t, "OPTIONS", svc.url+tokenPath, noneType, "", "Origin", other, "Access-Control-Request-Method", "POST")
+			if names := corsHeaders(got.header); len(names) != 0 || got.status == 204 {
+				t.Errorf("preflight from %s = %d with CORS headers %v, want no CORS headers", other, got.status, names)
+			}
+		}
+	})
+	t.Run("any origin", func(t *testing.T) {
+		t.Parallel()
+		svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "*"})
+		got := send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQB", "Origin", "https://anything.example")
+		if got.header.Get("Access-Control-Allow-Origin") != "*" || got.header.Get("Vary") != "" {
+			t.Errorf("POST: Allow-Origin %q, Vary %q; want * and no Vary", got.header.Get("Access-Control-Allow-Origin"), got.header.Get("Vary"))
+		}
+		got = send(t, "OPTIONS", svc.url+refreshPath, noneType, "", "Origin", "https://anything.example", "Access-Control-Request-Method", "POST")
+		if got.status != 204 || got.header.Get("Access-Control-Allow-Origin") != "*" {
+			t.Errorf("preflight = %d with Allow-Origin %q, want 204 with *", got.status, got.header.Get("Access-Control-Allow-Origin"))
+		}
+	})
+}

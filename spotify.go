@@ -1,0 +1,252 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hkdf"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+)
+
+// maxAnswerBytes caps what is read of Spotify's answer; a token answer is
+// well under a kilobyte.
+const maxAnswerBytes = 1 << 20
+
+// The ways a call to Spotify can fail to give a usable answer.
+var (
+	errSpotifyTimeout     = errors.New("spotify did not answer in time")
+	errSpotifyUnreachable = errors.New("spotify could not be reached")
+	errSpotifyBadAnswer   = errors.New("spotify's answer is unusable")
+)
+
+// spotifyClient calls the token endpoint of Spotify's accounts service.
+type spotifyClient struct {
+	http     *http.Client
+	tokenURL string
+	// authorization is the Basic credentials header value, built once.
+	authorization string
+}
+
+// answer is what Spotify said: its status, its Retry-After header and its body.
+type answer struct {
+	status     int
+	retryAfter string
+	body       []byte
+}
+
+func newSpotifyClient(cfg config) *spotifyClient {
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	// Every client connection can have a call to Spotify in flight; with the
+	// default of 2 idle connections per host, most calls would reconnect.
+	transport.MaxIdleConns = 1024
+	transport.MaxIdleConnsPerHost = 1024
+	return &spotifyClient{
+		http: &http.Client{
+			Transport: transport,
+			Timeout:   cfg.spotifyTimeout,
+			// The token endpoint does not redirect; following a redirect
+			// would send the credentials somewhere else.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+		tokenURL:      cfg.accountsURL + "/api/token",
+		authorization: "Basic " + base64.StdEncoding.EncodeToString([]byte(cfg.clientID+":"+cfg.clientSecret)),
+	}
+}
+
+// exchangeCode swaps an authorization code for tokens. The codeVerifier of
+// PKCE is sent only when there is one. A code is single-use: the call is
+// never retried.
+func (c *spotifyClient) exchangeCode(ctx context.Context, code, redirectURI, codeVerifier string) (answer, error) {
+	return c.post(ctx, form("grant_type", "authorization_code", "code", code, "redirect_uri", redirectURI, "code_verifier", codeVerifier))
+}
+
+// refresh trades a refresh token for a new access token.
+func (c *spotifyClient) refresh(ctx context.Context, refreshToken string) (answer, error) {
+	return c.post(ctx, form("grant_type", "refresh_token", "refresh_token", refreshToken))
+}
+
+// clientCredentials asks for an app token, which Spotify grants for a valid
+// client ID and secret alone.
+func (c *spotifyClient) clientCredentials(ctx context.Context) (answer, error) {
+	return c.post(ctx, form("grant_type", "client_credentials"))
+}
+
+// post sends a form to the token endpoint and reads the answer, which must be
+// one JSON object of at most maxAnswerBytes. The answer comes back with the
+// error where there is one, so that the caller can see Spotify's status.
+func (c *spotifyClient) post(ctx context.Context, body string) (answer, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.tokenURL, strings.NewReader(body))
+	if err != nil {
+		return answer{}, fmt.Errorf("spotify: %w", err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Authorization", c.authorization)
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return answer{}, callError(err)
+	}
+	defer resp.Body.Close()
+
+	ans := answer{status: resp.StatusCode, retryAfter: resp.Header.Get("Retry-After")}
+	ans.body, err = io.ReadAll(io.LimitReader(resp.Body, maxAnswerBytes+1))
+	switch {
+	case err != nil:
+		return ans, callError(err)
+	case len(ans.body) > maxAnswerBytes:
+		return ans, fmt.Errorf("%w: status %d, over %d bytes", errSpotifyBadAnswer, ans.status, maxAnswerBytes)
+	case !isJSONObject(ans.body):
+		return ans, fmt.Errorf("%w: status %d, not a JSON object (Content-Type %q)", errSpotifyBadAnswer, ans.status, resp.Header.Get("Content-Type"))
+	}
+	return ans, nil
+}
+
+// callError tells a timeout from other failures to talk to Spotify.
+func callError(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%w: %w", errSpotifyTimeout, err)
+	}
+	return fmt.Errorf("%w: %w", errSpotifyUnreachable, err)
+}
+
+// form encodes name, value pairs in the order given, leaving out empty values.
+func form(pairs ...string) string {
+	var b strings.Builder
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if pairs[i+1] == "" {
+			continue
+		}
+		if b.Len() > 0 {
+			b.WriteByte('&')
+		}
+		b.WriteString(pairs[i])
+		b.WriteByte('=')
+		b.WriteString(url.QueryEscape(pairs[i+1]))
+	}
+	return b.String()
+}
+
+// isJSONObject reports whether b is one JSON object, as every answer of the
+// token endpoint is.
+func isJSONObject(b []byte) bool {
+	b = bytes.TrimLeft(b, " \t\r\n")
+	return len(b) > 0 && b[0] == '{' && json.Valid(b)
+}
+
+// describeError returns the reason in an OAuth error answer.
+func describeError(body []byte) string {
+	var e struct {
+		Error       string `json:"error"`
+		Description string `json:"error_description"`
+	}
+	if json.Unmarshal(body, &e) != nil || e.Error == "" {
+		return "the answer is not an OAuth error"
+	}
+	if e.Description == "" {
+		return e.Error
+	}
+	return e.Error + ": " + e.Description
+}
+
+// sealPrefix starts every sealed refresh token and names its format, so that
+// the format can change. It is authenticated along with the token.
+const sealPrefix = "v1."
+
+// sealEncoding is URL-safe, so that a sealed token needs no escaping in a form
+// or a query, and strict, so that one sealed token has one spelling only.
+var sealEncoding = base64.RawURLEncoding.Strict()
+
+// errNotSealed is the one answer to every refresh token that does not open:
+// telling apart how it failed would help an attacker.
+var errNotSealed = errors.New("the refresh token was not sealed by this service")
+
+// sealer seals refresh tokens with AES-256-GCM, so that clients hold a value
+// that is useless without this service's secret.
+type sealer struct {
+	// aeads holds one cipher per secret: the first seals, every one opens.
+	aeads []cipher.AEAD
+}
+
+func newSealer(secrets []string) (*sealer, error) {
+	s := &sealer{}
+	for _, secret := range secrets {
+		key, err := hkdf.Key(sha256.New, []byte(secret), nil, "spotify-token-swap refresh token "+sealPrefix, 32)
+		if err != nil {
+			return nil, fmt.Errorf("deriving the sealing key: %w", err)
+		}
+		block, err := aes.NewCipher(key)
+		if err != nil {
+			return nil, fmt.Errorf("sealing cipher: %w", err)
+		}
+		aead, err := cipher.NewGCMWithRandomNonce(block)
+		if err != nil {
+			return nil, fmt.Errorf("sealing cipher: %w", err)
+		}
+		s.aeads = append(s.aeads, aead)
+	}
+	return s, nil
+}
+
+// seal encrypts a refresh token under a fresh random nonce.
+func (s *sealer) seal(token string) string {
+	return sealPrefix + sealEncoding.EncodeToString(s.aeads[0].Seal(nil, nil, []byte(token), []byte(sealPrefix)))
+}
+
+// open returns the refresh token sealed in sealed, or errNotSealed.
+func (s *sealer) open(sealed string) (string, error) {
+	rest, ok := strings.CutPrefix(sealed, sealPrefix)
+	if !ok {
+		return "", errNotSealed
+	}
+	ciphertext, err := sealEncoding.DecodeString(rest)
+	if err != nil {
+		return "", errNotSealed
+	}
+	for _, aead := range s.aeads {
+		if token, err := aead.Open(nil, nil, ciphertext, []byte(sealPrefix)); err == nil {
+			return string(token), nil
+		}
+	}
+	return "", errNotSealed
+}
+
+// sealAnswer returns a token answer with the value of its refresh_token member
+// sealed; every other byte stays as Spotify sent it. An answer without a
+// refresh token gets none.
+func (s *sealer) sealAnswer(body []byte) ([]byte, error) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if _, err := dec.Token(); err != nil {
+		return nil, fmt.Errorf("sealing the answer: %w", err)
+	}
+	out := make([]byte, 0, len(body)+64)
+	copied := 0
+	for dec.More() {
+		name, err := dec.Token()
+		if err != nil {
+			return nil, fmt.Errorf("sealing the answer: %w", err)
+		}
+		var value json.RawMessage
+		if err := dec.Decode(&value); err != nil {
+			return nil, fmt.Errorf("sealing the answer: %w", err)
+		}
+		var token string
+		if name != "refresh_token" || json.Unmarshal(value, &token) != nil || token == "" {
+			continue
+		}
+		end := int(dec.InputOffset())
+		out = append(out, body[copied:end-len(value)]...)
+		out = append(out, '"')
+		out = append(out, s.seal(token)...)
+		out = append(out, '"')
+		copied = end
+	}
+	return append(out, body[copied:]...), nil
+}
