@@ -273,7 +273,7 @@ func (p *params) parseForm(body string) error {
 }
 
 // parseJSON reads a JSON object. The members the service reads must be
-// strings; the others may be anything.
+// strings or null; the others may be anything.
 func (p *params) parseJSON(body []byte) error {
 	errNotObject := errors.New("the body is not one JSON object")
 	dec := json.NewDecoder(bytes.NewReader(body))
@@ -293,8 +293,8 @@ func (p *params) parseJSON(body []byte) error {
 		if dst, _ := p.field(name); dst == nil {
 			continue
 		}
-		var value string
-		if raw[0] != '"' || json.Unmarshal(raw, &value) != nil {
+		var value string // null leaves it empty: absent
+		if json.Unmarshal(raw, &value) != nil {
 			return fmt.Errorf("%s must be a JSON string", name)
 		}
 		if err := p.set(name, value); err != nil {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -12,7 +13,9 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 const (
@@ -29,6 +32,7 @@ const (
 // fakeSpotify plays Spotify's token endpoint.
 type fakeSpotify struct {
 	url   string
+	conns atomic.Int64 // TCP connections accepted
 	mu    sync.Mutex
 	forms []string // the form bodies received, in order
 }
@@ -42,7 +46,7 @@ type spotifyFunc func(w http.ResponseWriter, r *http.Request, form url.Values)
 func newFakeSpotify(t testing.TB, answer spotifyFunc) *fakeSpotify {
 	t.Helper()
 	f := &fakeSpotify{}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodPost || r.URL.Path != "/api/token" || r.URL.RawQuery != "" {
 			t.Errorf("Spotify got %s %s, want POST /api/token", r.Method, r.URL)
 		}
@@ -65,6 +69,12 @@ func newFakeSpotify(t testing.TB, answer spotifyFunc) *fakeSpotify {
 		f.mu.Unlock()
 		answer(w, r, form)
 	}))
+	srv.Config.ConnState = func(_ net.Conn, state http.ConnState) {
+		if state == http.StateNew {
+			f.conns.Add(1)
+		}
+	}
+	srv.Start()
 	t.Cleanup(srv.Close)
 	f.url = srv.URL
 	return f
@@ -190,12 +200,14 @@ type reply struct {
 	body   string
 }
 
-// send makes a request to the service; a contentType of "" sends none.
+// send makes a request to the service; a contentType of "" sends none. A
+// request that fails is reported, with status 0, so that goroutines may send.
 func send(t testing.TB, method, url, contentType, body string, header ...string) reply {
 	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	if err != nil {
-		t.Fatal(err)
+		t.Errorf("%s %s: %v", method, url, err)
+		return reply{}
 	}
 	if contentType != "" {
 		req.Header.Set("Content-Type", contentType)
@@ -205,12 +217,13 @@ func send(t testing.TB, method, url, contentType, body string, header ...string)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
+		t.Errorf("%s %s: %v", method, url, err)
+		return reply{}
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
-		t.Fatalf("%s %s: reading the body: %v", method, url, err)
+		t.Errorf("%s %s: reading the body: %v", method, url, err)
 	}
 	return reply{resp.StatusCode, resp.Header, string(b)}
 }
@@ -388,6 +401,7 @@ func TestRefusesBadRequests(t *testing.T) {
 		{"code (null), as the iOS SDK sends nil", "POST", tokenPath, noneType, "code=(null)", 400, "invalid_request"},
 		{"code (null), escaped", "POST", tokenPath, formType, "code=%28null%29", 400, "invalid_request"},
 		{"JSON code null", "POST", tokenPath, jsonType, `{"code":null}`, 400, "invalid_request"},
+		{"JSON code null and a code", "POST", tokenPath, jsonType, `{"code":null,"code":"a"}`, 400, "invalid_request"},
 		{"no refresh_token", "POST", refreshPath, formType, "grant_type=refresh_token", 400, "invalid_request"},
 		{"refresh_token (null)", "POST", refreshPath, formType, "refresh_token=(null)", 400, "invalid_request"},
 		{"no refresh_token at the token endpoint", "POST", tokenPath, formType, "grant_type=refresh_token&code=x", 400, "invalid_request"},
@@ -469,6 +483,27 @@ func TestChunkedBodyOverLimit(t *testing.T) {
 	checkError(t, "chunked POST", reply{resp.StatusCode, resp.Header, string(b)}, 413, "invalid_request")
 }
 
+// TestDeclaredBodyOverLimit checks that a Content-Length over the limit is
+// refused at once, before the body is sent or read.
+func TestDeclaredBodyOverLimit(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, nil)
+	conn, err := net.Dial("tcp", strings.TrimPrefix(svc.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(conn, "POST /api/token HTTP/1.1\r\nHost: x\r\nContent-Type: "+formType+"\r\nContent-Length: 100000000\r\n\r\ncode=")
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("reading the answer: %v", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	checkError(t, "POST with Content-Length 100000000", reply{resp.StatusCode, resp.Header, string(b)}, 413, "invalid_request")
+}
+
 func TestHealthAndIndex(t *testing.T) {
 	t.Parallel()
 	svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "https://secret-origin.example"})
@@ -503,6 +538,7 @@ func TestSpotifyFaults(t *testing.T) {
 		wantBody       string // exact, where Spotify's answer is relayed
 		wantError      string // where the service answers itself
 		wantRetryAfter string
+		wantLog        string // why, in the log line
 	}{
 		{
 			name: "connection reset",
@@ -514,7 +550,7 @@ func TestSpotifyFaults(t *testing.T) {
 				conn.(*net.TCPConn).SetLinger(0)
 				conn.Close()
 			},
-			wantStatus: 502, wantError: "server_error",
+			wantStatus: 502, wantError: "server_error", wantLog: "connection reset",
 		},
 		{
 			name: "HTML 500",
@@ -523,14 +559,14 @@ func TestSpotifyFaults(t *testing.T) {
 				w.WriteHeader(500)
 				io.WriteString(w, "<html><body><h1>500 Internal Server Error</h1></body></html>")
 			},
-			wantStatus: 502, wantError: "server_error",
+			wantStatus: 502, wantError: "server_error", wantLog: `status 500, not a JSON object (Content-Type \"text/html\")`,
 		},
 		{
 			name: "2 MiB answer",
 			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
 				io.WriteString(w, huge)
 			},
-			wantStatus: 502, wantError: "server_error",
+			wantStatus: 502, wantError: "server_error", wantLog: "over 1048576 bytes",
 		},
 		{
 			name: "empty 200",
@@ -597,7 +633,7 @@ func TestSpotifyFaults(t *testing.T) {
 			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
 				<-r.Context().Done() // until the service gives up
 			},
-			wantStatus: 504, wantError: "server_error",
+			wantStatus: 504, wantError: "server_error", wantLog: "spotify did not answer in time",
 		},
 		{
 			name: "body slower than SPOTIFY_TIMEOUT",
@@ -606,7 +642,7 @@ func TestSpotifyFaults(t *testing.T) {
 				http.NewResponseController(w).Flush()
 				<-r.Context().Done()
 			},
-			wantStatus: 504, wantError: "server_error",
+			wantStatus: 504, wantError: "server_error", wantLog: "spotify did not answer in time",
 		},
 	}
 	for _, tt := range tests {
@@ -623,6 +659,9 @@ func TestSpotifyFaults(t *testing.T) {
 				if ra := got.header.Get("Retry-After"); ra != tt.wantRetryAfter {
 					t.Errorf("POST %s: Retry-After = %q, want %q", path, ra, tt.wantRetryAfter)
 				}
+			}
+			if !strings.Contains(svc.log.String(), tt.wantLog) {
+				t.Errorf("the log does not hold %q:\n%s", tt.wantLog, svc.log)
 			}
 			// A code is single-use: a failed exchange is never retried.
 			if n := len(svc.spotify.received()); n != 2 {
@@ -821,4 +860,116 @@ func TestCORS(t *testing.T) {
 			t.Errorf("preflight = %d with Allow-Origin %q, want 204 with *", got.status, got.header.Get("Access-Control-Allow-Origin"))
 		}
 	})
+}
+
+// TestSealing checks that with ENCRYPTION_SECRET set, clients hold sealed
+// refresh tokens only, and Spotify gets raw ones only.
+func TestSealing(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, map[string]string{"ENCRYPTION_SECRET": testSecret})
+	s := newTestSealer(t, testSecret)
+	sealedIn := func(r reply) string {
+		t.Helper()
+		var answer struct {
+			RefreshToken string `json:"refresh_token"`
+		}
+		if err := json.Unmarshal([]byte(r.body), &answer); err != nil || r.status != 200 {
+			t.Fatalf("answer %d %s, want 200 with a JSON body", r.status, r.body)
+		}
+		return answer.RefreshToken
+	}
+
+	first := send(t, "POST", svc.url+tokenPath, noneType, "code=AQDseal")
+	sealed := sealedIn(first)
+	if raw, err := s.open(sealed); err != nil || raw != "rt-AQDseal" {
+		t.Fatalf("refresh token %q opens to %q, %v; want the sealed rt-AQDseal", sealed, raw, err)
+	}
+	if want := tokenJSON("at-AQDseal", sealed); first.body != want {
+		t.Errorf("POST /api/token = %s, want Spotify's answer with only the refresh token sealed: %s", first.body, want)
+	}
+	if again := sealedIn(send(t, "POST", svc.url+tokenPath, noneType, "code=AQDseal")); again == sealed {
+		t.Errorf("two swaps of one code gave the same sealed token %q, want a fresh nonce each", sealed)
+	}
+
+	for _, path := range []string{refreshPath, tokenPath} {
+		got := send(t, "POST", svc.url+path, formType, "grant_type=refresh_token&refresh_token="+sealed)
+		if want := tokenJSON("at-from-rt-AQDseal", ""); got.status != 200 || got.body != want {
+			t.Errorf("refresh at %s = %d %s, want 200 %s (no refresh token added)", path, got.status, got.body, want)
+		}
+	}
+	rotated := send(t, "POST", svc.url+refreshPath, formType, "refresh_token="+s.seal("rotate-1"))
+	if raw, err := s.open(sealedIn(rotated)); err != nil || raw != "rotated-rotate-1" {
+		t.Errorf("rotated refresh token in %s opens to %q, %v; want the sealed rotated-rotate-1", rotated.body, raw, err)
+	}
+	if got := send(t, "POST", svc.url+tokenPath, formType, "code=used"); got.status != 400 ||
+		got.body != `{"error":"invalid_grant","error_description":"Invalid authorization code"}` {
+		t.Errorf("POST /api/token code=used = %d %s, want Spotify's error untouched", got.status, got.body)
+	}
+	want := []string{
+		"grant_type=authorization_code&code=AQDseal&redirect_uri=testapp%3A%2F%2Fcallback",
+		"grant_type=authorization_code&code=AQDseal&redirect_uri=testapp%3A%2F%2Fcallback",
+		"grant_type=refresh_token&refresh_token=rt-AQDseal",
+		"grant_type=refresh_token&refresh_token=rt-AQDseal",
+		"grant_type=refresh_token&refresh_token=rotate-1",
+		"grant_type=authorization_code&code=used&redirect_uri=testapp%3A%2F%2Fcallback",
+	}
+	if got := svc.spotify.received(); strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("Spotify received\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// TestSealedTokensThatDoNotOpen checks that every refresh token that does not
+// open gets the same answer, and never reaches Spotify.
+func TestSealedTokensThatDoNotOpen(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, map[string]string{"ENCRYPTION_SECRET": testSecret})
+	sealed := newTestSealer(t, testSecret).seal("AQBgood")
+	tampered := []byte(sealed)
+	tampered[len(tampered)/2] ^= 'A' ^ 'B'
+	bad := map[string]string{
+		"raw Spotify token":        "AQBgood",
+		"tampered":                 string(tampered),
+		"truncated":                sealed[:len(sealed)-2],
+		"sealed under another key": newTestSealer(t, "some-other-secret-of-32-characters!!").seal("AQBgood"),
+		"garbage":                  "v1.%%%%",
+		"prefix only":              sealPrefix,
+	}
+	var first reply
+	for name, token := range bad {
+		for _, path := range []string{refreshPath, tokenPath} {
+			got := send(t, "POST", svc.url+path, formType, "grant_type=refresh_token&refresh_token="+url.QueryEscape(token))
+			checkError(t, name+" at "+path, got, 400, "invalid_grant")
+			if first.body == "" {
+				first = got
+			}
+			if got.status != first.status || got.body != first.body {
+				t.Errorf("%s at %s = %d %s, want the same answer as every other: %d %s", name, path, got.status, got.body, first.status, first.body)
+			}
+		}
+	}
+	if n := len(svc.spotify.received()); n != 0 {
+		t.Errorf("Spotify received %d requests, want none", n)
+	}
+}
+
+// TestSecretRotationAcrossDeploys checks that a token sealed before a secret
+// is rotated still refreshes after, and that the new secret seals.
+func TestSecretRotationAcrossDeploys(t *testing.T) {
+	t.Parallel()
+	const newSecret = "the-new-encryption-secret-0123456789"
+	before := startService(t, likeSpotify, map[string]string{"ENCRYPTION_SECRET": testSecret})
+	after := startService(t, likeSpotify, map[string]string{"ENCRYPTION_SECRET": newSecret + "," + testSecret})
+
+	var answer struct {
+		RefreshToken string `json:"refresh_token"`
+	}
+	json.Unmarshal([]byte(send(t, "POST", before.url+tokenPath, noneType, "code=AQDbefore").body), &answer)
+	got := send(t, "POST", after.url+refreshPath, formType, "refresh_token="+answer.RefreshToken)
+	if want := tokenJSON("at-from-rt-AQDbefore", ""); got.status != 200 || got.body != want {
+		t.Errorf("refresh after rotation = %d %s, want 200 %s", got.status, got.body, want)
+	}
+	json.Unmarshal([]byte(send(t, "POST", after.url+tokenPath, noneType, "code=AQDnew").body), &answer)
+	if raw, err := newTestSealer(t, newSecret).open(answer.RefreshToken); err != nil || raw != "rt-AQDnew" {
+		t.Errorf("token sealed after rotation opens under the new secret to %q, %v; want rt-AQDnew", raw, err)
+	}
 }

@@ -331,7 +331,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 				continue
 			}
 			if u, err := url.Parse(o); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
-				u.Scheme+"://"+u.Host != o {
+				u.Scheme+"://"+u.Host != o || strings.ToLower(o) != o {
 				problem("CORS_ALLOWED_ORIGINS: %q is not an origin such as https://app.example.com (lower case, no path, no trailing slash)", o)
 			}
 		}

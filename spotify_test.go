@@ -1,0 +1,247 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// newTestSealer returns a sealer for the given secrets or fails the test.
+func newTestSealer(t testing.TB, secrets ...string) *sealer {
+	t.Helper()
+	s, err := newSealer(secrets)
+	if err != nil {
+		t.Fatalf("newSealer: %v", err)
+	}
+	return s
+}
+
+func TestSealOpens(t *testing.T) {
+	t.Parallel()
+	s := newTestSealer(t, testSecret)
+	for _, token := range []string{"AQBrefresh-token_123", "", "a token with spaces & symbols=+/", strings.Repeat("x", 4096)} {
+		sealed := s.seal(token)
+		if !strings.HasPrefix(sealed, sealPrefix) || url.QueryEscape(sealed) != sealed {
+			t.Errorf("seal(%q) = %q, want the prefix %q and nothing a form or query must escape", token, sealed, sealPrefix)
+		}
+		if strings.Contains(sealed, token) && token != "" {
+			t.Errorf("seal(%q) = %q shows the token", token, sealed)
+		}
+		if got, err := s.open(sealed); err != nil || got != token {
+			t.Errorf("open(seal(%q)) = %q, %v; want the token back", token, got, err)
+		}
+	}
+	if a, b := s.seal("AQB"), s.seal("AQB"); a == b {
+		t.Errorf("two seals of one token are both %q, want a fresh nonce each", a)
+	}
+}
+
+func TestOpenRefuses(t *testing.T) {
+	t.Parallel()
+	s := newTestSealer(t, testSecret)
+	sealed := s.seal("AQBrefresh")
+	flip := func(i int) string {
+		b := []byte(sealed)
+		b[i] = map[bool]byte{true: 'B', false: 'A'}[b[i] == 'A']
+		return string(b)
+	}
+	bad := map[string]string{
+		"a raw Spotify token":      "AQBrefresh",
+		"empty":                    "",
+		"the prefix alone":         sealPrefix,
+		"another version":          "v2." + strings.TrimPrefix(sealed, sealPrefix),
+		"first byte changed":       flip(len(sealPrefix)),
+		"a middle byte changed":    flip(len(sealed) / 2),
+		"last byte changed":        flip(len(sealed) - 1),
+		"truncated":                sealed[:len(sealed)-1],
+		"one byte more":            sealed + "A",
+		"base64 padding":           sealed + "==",
+		"standard base64":          strings.NewReplacer("-", "+", "_", "/").Replace(sealed) + "+/",
+		"sealed under another key": newTestSealer(t, strings.Repeat("k", 32)).seal("AQBrefresh"),
+		"trailing space":           sealed + " ",
+		"not base64":               sealPrefix + "!!!!",
+		"shorter than a GCM tag":   sealPrefix + "AAAA",
+	}
+	for name, token := range bad {
+		if got, err := s.open(token); !errors.Is(err, errNotSealed) || got != "" {
+			t.Errorf("open(%s) = %q, %v; want errNotSealed", name, got, err)
+		}
+	}
+}
+
+// TestOpenNonCanonicalBase64 checks that a sealed token has one spelling: the
+// last character of unpadded base64 carries spare bits, which must be zero.
+func TestOpenNonCanonicalBase64(t *testing.T) {
+	t.Parallel()
+	s := newTestSealer(t, testSecret)
+	for range 50 {
+		sealed := s.seal("AQBrefresh")
+		last := strings.IndexByte("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", sealed[len(sealed)-1])
+		other := sealed[:len(sealed)-1] + string("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[last^1])
+		if _, err := s.open(other); err == nil {
+			t.Fatalf("open(%q) of a second spelling of %q succeeded", other, sealed)
+		}
+	}
+}
+
+func TestSecretRotation(t *testing.T) {
+	t.Parallel()
+	const newSecret = "the-new-encryption-secret-0123456789"
+	old := newTestSealer(t, testSecret)
+	rotated := newTestSealer(t, newSecret, testSecret)
+	fresh := newTestSealer(t, newSecret)
+
+	if got, err := rotated.open(old.seal("AQBold")); err != nil || got != "AQBold" {
+		t.Errorf("new,old opens a token sealed with old: %q, %v; want AQBold", got, err)
+	}
+	sealed := rotated.seal("AQBnew")
+	if got, err := fresh.open(sealed); err != nil || got != "AQBnew" {
+		t.Errorf("new opens a token sealed by new,old: %q, %v; want AQBnew (new seals)", got, err)
+	}
+	if _, err := old.open(sealed); err == nil {
+		t.Errorf("old opens a token sealed by new,old; want new to seal")
+	}
+}
+
+func TestSealAnswer(t *testing.T) {
+	t.Parallel()
+	s := newTestSealer(t, testSecret)
+	sealedValue := regexp.MustCompile(`"v1\.[A-Za-z0-9_-]+"`)
+	tests := []struct {
+		name, body string
+		rawJSON    string // the refresh token's value as body spells it; "" where nothing is sealed
+		raw        string // and the token it stands for
+	}{
+		{"Spotify's compact answer", `{"access_token":"at","token_type":"Bearer","expires_in":3600,"refresh_token":"AQBraw","scope":"a b"}`, `"AQBraw"`, "AQBraw"},
+		{"spaced and indented", "{\n  \"access_token\" : \"at\",\n  \"refresh_token\" :  \"AQBraw\" ,\n  \"expires_in\" : 3600\n}\n", `"AQBraw"`, "AQBraw"},
+		{"refresh token first", `{"refresh_token":"AQBraw","access_token":"at"}`, `"AQBraw"`, "AQBraw"},
+		{"escaped token", `{"access_token":"at","refresh_token":"AQB\u002fraw"}`, `"AQB\u002fraw"`, "AQB/raw"},
+		{"no refresh token", `{"access_token":"at","token_type":"Bearer","expires_in":3600}`, "", ""},
+		{"refresh token null", `{"access_token":"at","refresh_token":null}`, "", ""},
+		{"refresh token empty", `{"access_token":"at","refresh_token":""}`, "", ""},
+		{"nested member of that name", `{"access_token":"at","meta":{"refresh_token":"AQBraw"}}`, "", ""},
+	}
+	for _, tt := range tests {
+		got, err := s.sealAnswer([]byte(tt.body))
+		if err != nil {
+			t.Errorf("%s: sealAnswer = %v", tt.name, err)
+			continue
+		}
+		sealed := sealedValue.FindAllString(string(got), -1)
+		if tt.rawJSON == "" {
+			if string(got) != tt.body {
+				t.Errorf("%s: sealAnswer = %s, want it unchanged", tt.name, got)
+			}
+			continue
+		}
+		if len(sealed) != 1 {
+			t.Errorf("%s: sealAnswer = %s, want one sealed value", tt.name, got)
+			continue
+		}
+		// Every byte but the token's value must stay as Spotify sent it.
+		if back := strings.Replace(string(got), sealed[0], tt.rawJSON, 1); back != tt.body {
+			t.Errorf("%s: sealAnswer = %s, want only the refresh token changed in %s", tt.name, got, tt.body)
+		}
+		if token, err := s.open(strings.Trim(sealed[0], `"`)); err != nil || token != tt.raw {
+			t.Errorf("%s: the sealed value %s opens to %q, %v; want %q", tt.name, sealed[0], token, err, tt.raw)
+		}
+	}
+}
+
+// FuzzOpen checks that open never panics and opens nothing but what the
+// sealer sealed; and that every token survives a round trip.
+func FuzzOpen(f *testing.F) {
+	s := newTestSealer(f, testSecret)
+	sealed := map[string]string{}
+	for _, token := range []string{"AQBrefresh", "", "x"} {
+		v := s.seal(token)
+		sealed[v] = token
+		f.Add(v)
+	}
+	f.Add("AQBrefresh")
+	f.Add(sealPrefix)
+	f.Add(sealPrefix + "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+	f.Fuzz(func(t *testing.T, token string) {
+		got, err := s.open(token)
+		want, ok := sealed[token]
+		switch {
+		case err == nil && !ok:
+			t.Errorf("open(%q) = %q, but the sealer never sealed it", token, got)
+		case ok && (err != nil || got != want):
+			t.Errorf("open(%q) = %q, %v; want %q", token, got, err, want)
+		case err != nil && got != "":
+			t.Errorf("open(%q) = %q with error %v, want no token", token, got, err)
+		}
+		if back, err := s.open(s.seal(token)); err != nil || back != token {
+			t.Errorf("open(seal(%q)) = %q, %v", token, back, err)
+		}
+	})
+}
+
+// TestRedirectsAreNotFollowed checks that an answer redirecting elsewhere
+// does not take the client's credentials and code there.
+func TestRedirectsAreNotFollowed(t *testing.T) {
+	t.Parallel()
+	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t.Errorf("the redirect was followed: %s %s", r.Method, r.URL)
+	}))
+	defer elsewhere.Close()
+	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		http.Redirect(w, r, elsewhere.URL+"/api/token", http.StatusTemporaryRedirect)
+	}, nil)
+	got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDredirect")
+	checkError(t, "POST /api/token", got, 502, "server_error")
+}
+
+// TestUpstreamConnectionsAreReused checks that a second wave of concurrent
+// calls to Spotify reuses the first wave's connections.
+func TestUpstreamConnectionsAreReused(t *testing.T) {
+	t.Parallel()
+	const wave = 50
+	arrived, release := make(chan struct{}), make(chan struct{})
+	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		arrived <- struct{}{}
+		<-release // so that all calls of a wave are in flight at once
+		likeSpotify(w, r, form)
+	}, nil)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: wave}}
+	defer client.CloseIdleConnections()
+	var newConns [2]int64
+	for i := range newConns {
+		before := svc.spotify.conns.Load()
+		var wg sync.WaitGroup
+		for range wave {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				resp, err := client.Post(svc.url+tokenPath, formType, strings.NewReader("code=AQDwave"))
+				if err != nil {
+					t.Errorf("POST /api/token: %v", err)
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}()
+		}
+		for range wave {
+			<-arrived
+		}
+		for range wave {
+			release <- struct{}{}
+		}
+		wg.Wait()
+		newConns[i] = svc.spotify.conns.Load() - before
+	}
+	// A connection may go back to the pool just after its caller is done,
+	// so a few new ones in the second wave are no fault.
+	if newConns[0] > wave || newConns[1] > wave/10 {
+		t.Errorf("new connections to Spotify per wave of %d calls: %d, then %d; want at most %d, then at most %d",
+			wave, newConns[0], newConns[1], wave, wave/10)
+	}
+}
