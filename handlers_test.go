@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 const (
@@ -972,4 +973,95 @@ func TestSecretRotationAcrossDeploys(t *testing.T) {
 	if raw, err := newTestSealer(t, newSecret).open(answer.RefreshToken); err != nil || raw != "rt-AQDnew" {
 		t.Errorf("token sealed after rotation opens under the new secret to %q, %v; want rt-AQDnew", raw, err)
 	}
+}
+
+// parse runs readParams on a request with the given Content-Type and body.
+func parse(contentType, body string) (params, *apiError) {
+	r := httptest.NewRequest("POST", tokenPath, strings.NewReader(body))
+	if contentType != "" {
+		r.Header.Set("Content-Type", contentType)
+	}
+	return readParams(httptest.NewRecorder(), r)
+}
+
+// FuzzRequestBody checks that reading a request body never panics, agrees
+// with the standard library's parsers, and returns each field exactly as sent.
+func FuzzRequestBody(f *testing.F) {
+	f.Add("", "code=AQDios-code_123")
+	f.Add(formType, "client_id=abc&grant_type=refresh_token&refresh_token=AQBios")
+	f.Add(formType+"; charset=UTF-8", "grant_type=authorization_code&code=AQD&redirect_uri=testapp%3A%2F%2Fcallback&code_verifier=Vx9-._~&client_id=abc")
+	f.Add(jsonType, `{"code":"AQDweb","redirect_uri":"https://app.example.com/callback"}`)
+	f.Add(jsonType+"; charset=utf-8", `{"refresh_token":"AQB\u00e9\ud83c\udfb5","extra":[1,{"a":null}]}`)
+	f.Add(formType, "code=a&code=b")
+	f.Add(jsonType, `{"code":"a","code":"b"}`)
+	f.Add(formType, "code=%zz&state=%")
+	f.Add(formType, "code=(null)&a;b=c&&=x&refresh_token")
+	f.Add("text/plain", "code=a")
+	fields := []string{"grant_type", "code", "redirect_uri", "code_verifier", "refresh_token"}
+	f.Fuzz(func(t *testing.T, contentType, body string) {
+		p, apiErr := parse(contentType, body)
+		got := func(name string) string { v, _ := p.field(name); return *v }
+		absent := func(v string) string {
+			if v == "(null)" {
+				return ""
+			}
+			return v
+		}
+		mediaType, _, _ := strings.Cut(contentType, ";")
+		mediaType = strings.ToLower(strings.TrimSpace(mediaType))
+		switch {
+		case apiErr != nil && apiErr.status != 400:
+			// 415 and 413 depend on the Content-Type and size alone.
+		case mediaType == jsonType:
+			var obj map[string]any
+			if err := json.Unmarshal([]byte(body), &obj); err != nil || obj == nil {
+				if apiErr == nil {
+					t.Errorf("parse(%q) succeeded; encoding/json says: %v", body, err)
+				}
+				return
+			}
+			for _, name := range fields {
+				want, isString := obj[name].(string)
+				if obj[name] != nil && !isString && apiErr == nil {
+					t.Errorf("parse(%q) took a non-string %s", body, name)
+				}
+				if apiErr == nil && got(name) != absent(want) {
+					t.Errorf("parse(%q): %s = %q, want %q", body, name, got(name), absent(want))
+				}
+			}
+		case !strings.Contains(body, ";"): // url.ParseQuery refuses semicolons
+			form, err := url.ParseQuery(body)
+			if err != nil {
+				if apiErr == nil {
+					t.Errorf("parse(%q) succeeded; url.ParseQuery says: %v", body, err)
+				}
+				return
+			}
+			twice := false
+			for _, name := range fields {
+				twice = twice || len(form[name]) > 1
+				if apiErr == nil && got(name) != absent(form.Get(name)) {
+					t.Errorf("parse(%q): %s = %q, want %q", body, name, got(name), absent(form.Get(name)))
+				}
+			}
+			if (apiErr != nil) != twice {
+				t.Errorf("parse(%q) = %v; a field sent twice: %v", body, apiErr, twice)
+			}
+		}
+
+		// Any value, encoded by a client, must come back exactly.
+		if len(body) > maxBodyBytes/8 || body == "(null)" {
+			return
+		}
+		p, apiErr = parse(formType, "grant_type=refresh_token&refresh_token="+url.QueryEscape(body)+"&client_id=x")
+		if apiErr != nil || p.refreshToken != body || p.grantType != "refresh_token" {
+			t.Errorf("form with refresh_token %q: got %q, %v", body, p.refreshToken, apiErr)
+		}
+		if utf8.ValidString(body) {
+			encoded, _ := json.Marshal(map[string]string{"code": body, "state": body})
+			if p, apiErr = parse(jsonType, string(encoded)); apiErr != nil || p.code != body {
+				t.Errorf("JSON with code %q: got %q, %v", body, p.code, apiErr)
+			}
+		}
+	})
 }
