@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1064,4 +1066,120 @@ func FuzzRequestBody(f *testing.F) {
 			}
 		}
 	})
+}
+
+// browserPage calls the service from another origin with fetch, as a static
+// web app does, and posts what it saw back to /result.
+const browserPage = `<!doctype html>
+<title>token swap from a browser</title>
+<script>
+async function call(base, path, body) {
+  const r = await fetch(base + path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  return {status: r.status, body: await r.json(), retryAfter: r.headers.get("Retry-After")};
+}
+(async () => {
+  const out = {};
+  try {
+    out.swap = await call("SERVICE", "/api/token", {code: "AQDbrowser"});
+    out.refresh = await call("SERVICE", "/api/refresh_token", {refresh_token: out.swap.body.refresh_token});
+    out.missing = await call("SERVICE", "/api/token", {});
+    out.limited = await call("LIMITED", "/api/token", {code: "AQDlimited"});
+    try {
+      await call("BLOCKED", "/api/token", {code: "AQDblocked"});
+      out.blocked = "not blocked";
+    } catch (e) {
+      out.blocked = "blocked: " + e.name;
+    }
+  } catch (e) {
+    out.failure = String(e);
+  }
+  await fetch("/result", {method: "POST", body: JSON.stringify(out)});
+})();
+</script>`
+
+// TestBrowser runs browserPage in headless Chromium: the code exchange, the
+// refresh with a sealed token, an error and a 429 read by the page, and an
+// origin that is not allowed, blocked by the browser. Without Chromium it is
+// skipped, unless TOKENSWAP_BROWSER=required (as .ci/run sets).
+func TestBrowser(t *testing.T) {
+	t.Parallel()
+	chromium, err := exec.LookPath("chromium")
+	if err != nil {
+		if os.Getenv("TOKENSWAP_BROWSER") == "required" {
+			t.Fatalf("TOKENSWAP_BROWSER=required, but: %v", err)
+		}
+		t.Skip("no chromium on PATH (apt-get install chromium): the browser check is skipped")
+	}
+	var html atomic.Value // the page names the services, which must know its origin first
+	results := make(chan string, 1)
+	page := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/":
+			w.Header().Set("Content-Type", "text/html")
+			io.WriteString(w, html.Load().(string))
+		case "/result":
+			b, _ := io.ReadAll(r.Body)
+			results <- string(b)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer page.Close()
+	svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": page.URL, "ENCRYPTION_SECRET": testSecret})
+	limited := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		w.Header().Set("Retry-After", "7")
+		w.WriteHeader(429)
+	}, map[string]string{"CORS_ALLOWED_ORIGINS": page.URL})
+	blocked := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com"})
+	html.Store(strings.NewReplacer("SERVICE", svc.url, "LIMITED", limited.url, "BLOCKED", blocked.url).Replace(browserPage))
+
+	var output syncBuffer
+	browser := exec.Command(chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-sync",
+		"--disable-background-networking", "--disable-component-update", "--no-first-run",
+		"--user-data-dir="+t.TempDir(), page.URL)
+	browser.Stdout, browser.Stderr = &output, &output
+	if err := browser.Start(); err != nil {
+		t.Fatalf("starting chromium: %v", err)
+	}
+	defer browser.Wait()
+	defer browser.Process.Kill()
+
+	var got struct {
+		Swap, Refresh, Missing, Limited struct {
+			Status     int
+			Body       map[string]any
+			RetryAfter string
+		}
+		Blocked, Failure string
+	}
+	select {
+	case r := <-results:
+		if err := json.Unmarshal([]byte(r), &got); err != nil {
+			t.Fatalf("the page posted %q: %v", r, err)
+		}
+	case <-time.After(60 * time.Second): // a bound, should Chromium hang
+		t.Fatalf("no result from the page within 60 s; chromium said:\n%s", output.String())
+	}
+	if got.Failure != "" {
+		t.Fatalf("the page failed: %s", got.Failure)
+	}
+	sealed, _ := got.Swap.Body["refresh_token"].(string)
+	if got.Swap.Status != 200 || got.Swap.Body["access_token"] != "at-AQDbrowser" || !strings.HasPrefix(sealed, sealPrefix) {
+		t.Errorf("swap from the page = %d %v, want 200 with at-AQDbrowser and a sealed refresh token", got.Swap.Status, got.Swap.Body)
+	}
+	if got.Refresh.Status != 200 || got.Refresh.Body["access_token"] != "at-from-rt-AQDbrowser" {
+		t.Errorf("refresh from the page = %d %v, want 200 with at-from-rt-AQDbrowser", got.Refresh.Status, got.Refresh.Body)
+	}
+	if got.Missing.Status != 400 || got.Missing.Body["error"] != "invalid_request" {
+		t.Errorf("swap without a code from the page = %d %v, want 400 invalid_request readable by the page", got.Missing.Status, got.Missing.Body)
+	}
+	if got.Limited.Status != 429 || got.Limited.Body["error"] != "temporarily_unavailable" || got.Limited.RetryAfter != "7" {
+		t.Errorf("rate-limited swap from the page = %d %v, Retry-After %q; want 429 temporarily_unavailable, 7", got.Limited.Status, got.Limited.Body, got.Limited.RetryAfter)
+	}
+	if got.Blocked != "blocked: TypeError" {
+		t.Errorf("call to a service that does not allow the page's origin: %q, want blocked: TypeError", got.Blocked)
+	}
+	if n := len(blocked.spotify.received()); n != 0 {
+		t.Errorf("the service that does not allow the page's origin called Spotify %d times, want 0 (the preflight fails)", n)
+	}
 }
