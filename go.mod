@@ -2,4 +2,4 @@ module spotify-token-swap
 
 go 1.24.0
 
-require github.com/joho/godotenv v1.5.1 // indirect
+require github.com/joho/godotenv v1.5.1

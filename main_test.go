@@ -13,10 +13,14 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/joho/godotenv"
 )
 
 func TestLoadConfig(t *testing.T) {
@@ -375,5 +379,58 @@ func TestSlowClientsAreCutOff(t *testing.T) {
 	took, got := closedAfter(slowBody, start)
 	if took > 5*time.Second || !strings.HasPrefix(got, "HTTP/1.1 400") || !strings.Contains(got, `"error":"invalid_request"`) {
 		t.Errorf("body never finished: closed after %v with %q, want a 400 JSON answer within the read timeout", took, got)
+	}
+}
+
+// TestEnvExample checks .env.example against loadConfig: it lists every
+// setting, its required values are refused until filled in, and so is its
+// ENCRYPTION_SECRET once uncommented.
+func TestEnvExample(t *testing.T) {
+	t.Parallel()
+	b, err := os.ReadFile(".env.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	asIs, err := godotenv.Unmarshal(string(b))
+	if err != nil {
+		t.Fatalf(".env.example does not parse: %v", err)
+	}
+	read := map[string]bool{}
+	_, err = loadConfig(func(name string) string { read[name] = true; return asIs[name] })
+	for _, name := range []string{"SPOTIFY_CLIENT_ID", "SPOTIFY_CLIENT_SECRET", "SPOTIFY_CLIENT_CALLBACK_URL"} {
+		if err == nil || !strings.Contains(err.Error(), name+" is still the placeholder") {
+			t.Errorf("loadConfig(.env.example as is) = %v, want %s refused as a placeholder", err, name)
+		}
+	}
+	for name := range read {
+		if !regexp.MustCompile(`(?m)^(# )?` + name + `=`).Match(b) {
+			t.Errorf(".env.example does not list %s", name)
+		}
+	}
+
+	uncommented, err := godotenv.Unmarshal(regexp.MustCompile(`(?m)^# ([A-Z_]+=)`).ReplaceAllString(string(b), "$1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	uncommented["SPOTIFY_CLIENT_ID"], uncommented["SPOTIFY_CLIENT_SECRET"], uncommented["SPOTIFY_CLIENT_CALLBACK_URL"] = "id", "secret", "myapp://cb"
+	_, err = loadConfig(func(name string) string { return uncommented[name] })
+	if err == nil || err.Error() != "ENCRYPTION_SECRET is still the placeholder from .env.example" {
+		t.Errorf("loadConfig(.env.example filled in, all uncommented) = %v, want only ENCRYPTION_SECRET refused", err)
+	}
+}
+
+// TestDockerignore checks that secrets and history stay out of the image's
+// build context.
+func TestDockerignore(t *testing.T) {
+	t.Parallel()
+	b, err := os.ReadFile(".dockerignore")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Fields(string(b))
+	for _, want := range []string{".env", ".git"} {
+		if !slices.Contains(lines, want) {
+			t.Errorf(".dockerignore does not list %s", want)
+		}
 	}
 }
