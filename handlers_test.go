@@ -1183,3 +1183,51 @@ func TestBrowser(t *testing.T) {
 		t.Errorf("the service that does not allow the page's origin called Spotify %d times, want 0 (the preflight fails)", n)
 	}
 }
+
+// benchmarkSwap measures one request through the whole handler stack, logging
+// included, against a Spotify on loopback that answers at once with tokens
+// of Spotify's sizes.
+func benchmarkSwap(b *testing.B, path, body string, env map[string]string) {
+	answer := []byte(`{"access_token":"BQ` + strings.Repeat("a", 240) + `","token_type":"Bearer","expires_in":3600,"refresh_token":"AQ` +
+		strings.Repeat("r", 129) + `","scope":"user-read-email user-read-private"}`)
+	spotify := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(answer)
+	}))
+	defer spotify.Close()
+	cfg, err := loadConfig(testEnv(spotify.URL, env))
+	if err != nil {
+		b.Fatal(err)
+	}
+	handler := newServer(slog.New(slog.NewJSONHandler(io.Discard, nil)), cfg, newSpotifyClient(cfg))
+	b.ReportAllocs()
+	for b.Loop() {
+		r := httptest.NewRequest("POST", path, strings.NewReader(body))
+		r.Header.Set("Content-Type", formType)
+		w := httptest.NewRecorder()
+		handler.ServeHTTP(w, r)
+		if w.Code != 200 {
+			b.Fatalf("POST %s = %d %s", path, w.Code, w.Body)
+		}
+	}
+}
+
+func BenchmarkTokenExchange(b *testing.B) {
+	const body = "code=AQDy8Ae3-d9xwL0hzq5sWh5r0QzR6cP1fYgKxMhKNA&redirect_uri=testapp%3A%2F%2Fcallback"
+	b.Run("plain", func(b *testing.B) { benchmarkSwap(b, tokenPath, body, nil) })
+	b.Run("sealed", func(b *testing.B) {
+		benchmarkSwap(b, tokenPath, body, map[string]string{"ENCRYPTION_SECRET": testSecret})
+	})
+}
+
+func BenchmarkRefresh(b *testing.B) {
+	raw := "AQ" + strings.Repeat("r", 129)
+	b.Run("plain", func(b *testing.B) {
+		benchmarkSwap(b, refreshPath, "grant_type=refresh_token&refresh_token="+raw, nil)
+	})
+	b.Run("sealed", func(b *testing.B) {
+		sealed := newTestSealer(b, testSecret).seal(raw)
+		benchmarkSwap(b, refreshPath, "grant_type=refresh_token&refresh_token="+sealed, map[string]string{"ENCRYPTION_SECRET": testSecret})
+	})
+}
