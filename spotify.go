@@ -203,7 +203,7 @@ func (s *sealer) seal(token string) string {
 // open returns the refresh token sealed in sealed, or errNotSealed.
 func (s *sealer) open(sealed string) (string, error) {
 	rest, ok := strings.CutPrefix(sealed, sealPrefix)
-	if !ok {
+	if !ok || strings.ContainsAny(rest, "\r\n") { // base64 decoding skips newlines
 		return "", errNotSealed
 	}
 	ciphertext, err := sealEncoding.DecodeString(rest)

@@ -65,6 +65,8 @@ func TestOpenRefuses(t *testing.T) {
 		"standard base64":          strings.NewReplacer("-", "+", "_", "/").Replace(sealed) + "+/",
 		"sealed under another key": newTestSealer(t, strings.Repeat("k", 32)).seal("AQBrefresh"),
 		"trailing space":           sealed + " ",
+		"a newline inside":         sealed[:10] + "\n" + sealed[10:],
+		"a CRLF at the end":        sealed + "\r\n",
 		"not base64":               sealPrefix + "!!!!",
 		"shorter than a GCM tag":   sealPrefix + "AAAA",
 	}
