@@ -155,6 +155,16 @@ func testEnv(accountsURL string, set map[string]string) func(string) string {
 	return func(name string) string { return env[name] }
 }
 
+// testConfig loads the test environment, overridden by env, or fails the test.
+func testConfig(t testing.TB, accountsURL string, env map[string]string) config {
+	t.Helper()
+	cfg, err := loadConfig(testEnv(accountsURL, env))
+	if err != nil {
+		t.Fatalf("loadConfig: %v", err)
+	}
+	return cfg
+}
+
 // syncBuffer is a bytes.Buffer that the server's goroutines can log to.
 type syncBuffer struct {
 	mu  sync.Mutex
@@ -186,10 +196,7 @@ type testService struct {
 func startService(t testing.TB, answer spotifyFunc, env map[string]string) *testService {
 	t.Helper()
 	spotify := newFakeSpotify(t, answer)
-	cfg, err := loadConfig(testEnv(spotify.url, env))
-	if err != nil {
-		t.Fatalf("loadConfig: %v", err)
-	}
+	cfg := testConfig(t, spotify.url, env)
 	log := &syncBuffer{}
 	srv := httptest.NewServer(newServer(slog.New(slog.NewJSONHandler(log, nil)), cfg, newSpotifyClient(cfg)))
 	t.Cleanup(srv.Close)
@@ -678,19 +685,13 @@ func TestSpotifyDown(t *testing.T) {
 	t.Parallel()
 	down := httptest.NewServer(http.NotFoundHandler())
 	down.Close() // nothing listens at its address any more
-	cfg, err := loadConfig(testEnv(down.URL, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := &syncBuffer{}
-	svc := httptest.NewServer(newServer(slog.New(slog.NewJSONHandler(log, nil)), cfg, newSpotifyClient(cfg)))
-	defer svc.Close()
+	svc := startService(t, likeSpotify, map[string]string{"SPOTIFY_ACCOUNTS_URL": down.URL})
 	for _, path := range []string{tokenPath, refreshPath} {
-		got := send(t, "POST", svc.URL+path, formType, "code=AQDdown&refresh_token=AQBdown")
+		got := send(t, "POST", svc.url+path, formType, "code=AQDdown&refresh_token=AQBdown")
 		checkError(t, "POST "+path, got, 502, "server_error")
 	}
-	if !strings.Contains(log.String(), "connection refused") {
-		t.Errorf("the log does not say why Spotify could not be reached:\n%s", log)
+	if !strings.Contains(svc.log.String(), "connection refused") {
+		t.Errorf("the log does not say why Spotify could not be reached:\n%s", svc.log)
 	}
 }
 
@@ -1196,10 +1197,7 @@ func benchmarkSwap(b *testing.B, path, body string, env map[string]string) {
 		w.Write(answer)
 	}))
 	defer spotify.Close()
-	cfg, err := loadConfig(testEnv(spotify.URL, env))
-	if err != nil {
-		b.Fatal(err)
-	}
+	cfg := testConfig(b, spotify.URL, env)
 	handler := newServer(slog.New(slog.NewJSONHandler(io.Discard, nil)), cfg, newSpotifyClient(cfg))
 	b.ReportAllocs()
 	for b.Loop() {

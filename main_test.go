@@ -218,10 +218,7 @@ func TestCheck(t *testing.T) {
 
 func TestHealthcheck(t *testing.T) {
 	t.Parallel()
-	cfg, err := loadConfig(testEnv("http://127.0.0.1:9", nil))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := testConfig(t, "http://127.0.0.1:9", nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -282,10 +279,7 @@ func TestShutdownLetsRequestsFinish(t *testing.T) {
 		<-release
 		likeSpotify(w, r, form)
 	})
-	cfg, err := loadConfig(testEnv(spotify.url, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := testConfig(t, spotify.url, nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -321,10 +315,7 @@ func TestShutdownLetsRequestsFinish(t *testing.T) {
 // while other clients are served.
 func TestSlowClientsAreCutOff(t *testing.T) {
 	t.Parallel()
-	cfg, err := loadConfig(testEnv("http://127.0.0.1:9", nil))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := testConfig(t, "http://127.0.0.1:9", nil)
 	cfg.readHeaderTimeout, cfg.readTimeout = 300*time.Millisecond, 600*time.Millisecond
 	srv := httptest.NewUnstartedServer(nil)
 	srv.Config = newHTTPServer(cfg, newServer(slog.New(slog.DiscardHandler), cfg, newSpotifyClient(cfg)), slog.New(slog.DiscardHandler))
