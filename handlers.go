@@ -124,12 +124,7 @@ func relay(w http.ResponseWriter, ans answer, err error, sealer *sealer) {
 	case err != nil:
 		writeError(w, &apiError{http.StatusBadGateway, "server_error", "Spotify could not be reached"})
 	case sealer != nil && ans.status == http.StatusOK:
-		body, err := sealer.sealAnswer(ans.body)
-		if err != nil {
-			relay(w, ans, fmt.Errorf("%w: %w", errSpotifyBadAnswer, err), nil)
-			return
-		}
-		writeJSON(w, http.StatusOK, body)
+		writeJSON(w, http.StatusOK, sealer.sealAnswer(ans.body))
 	default:
 		writeJSON(w, ans.status, ans.body)
 	}
@@ -229,7 +224,6 @@ func readParams(w http.ResponseWriter, r *http.Request) (params, *apiError) {
 	if mediaType != "" && mediaType != "application/x-www-form-urlencoded" && mediaType != "application/json" {
 		return p, &apiError{http.StatusUnsupportedMediaType, "invalid_request", "Content-Type must be application/x-www-form-urlencoded or application/json"}
 	}
-	errTooLarge := &apiError{http.StatusRequestEntityTooLarge, "invalid_request", "the request body is larger than " + strconv.Itoa(maxBodyBytes>>10) + " KiB"}
 	if r.ContentLength > maxBodyBytes {
 		return p, errTooLarge
 	}
@@ -317,8 +311,11 @@ type apiError struct {
 	description string
 }
 
-// errUnsupportedGrant answers a grant_type this service does not swap.
-var errUnsupportedGrant = &apiError{http.StatusBadRequest, "unsupported_grant_type", "grant_type must be authorization_code or refresh_token"}
+// Errors answered in more than one place.
+var (
+	errUnsupportedGrant = &apiError{http.StatusBadRequest, "unsupported_grant_type", "grant_type must be authorization_code or refresh_token"}
+	errTooLarge         = &apiError{http.StatusRequestEntityTooLarge, "invalid_request", "the request body is larger than 64 KiB"}
+)
 
 func invalidRequest(description string) *apiError {
 	return &apiError{http.StatusBadRequest, "invalid_request", description}
@@ -404,7 +401,7 @@ func logRequests(logger *slog.Logger, next http.Handler) http.Handler {
 			slog.String("method", r.Method),
 			slog.String("path", r.URL.Path),
 			slog.Int("status", lw.status),
-			slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000))
+			slog.Int64("duration_us", time.Since(start).Microseconds())) // slog encodes floats slowly
 		if lw.spotifyStatus != 0 {
 			attrs = append(attrs, slog.Int("spotify_status", lw.spotifyStatus))
 		}

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"reflect"
 	"regexp"
 	"strings"
 	"sync"
@@ -124,17 +126,15 @@ func TestSealAnswer(t *testing.T) {
 		{"spaced and indented", "{\n  \"access_token\" : \"at\",\n  \"refresh_token\" :  \"AQBraw\" ,\n  \"expires_in\" : 3600\n}\n", `"AQBraw"`, "AQBraw"},
 		{"refresh token first", `{"refresh_token":"AQBraw","access_token":"at"}`, `"AQBraw"`, "AQBraw"},
 		{"escaped token", `{"access_token":"at","refresh_token":"AQB\u002fraw"}`, `"AQB\u002fraw"`, "AQB/raw"},
+		{"escaped key", `{"access_token":"at","refresh\u005ftoken":"AQBraw"}`, `"AQBraw"`, "AQBraw"},
+		{"strings and nesting that look like members", `{"scope":"a \"refresh_token\":\"x\" } ] {","n":[1,{"b":"]}"}],"x":-1.5e3,"t":true,"refresh_token":"AQBraw","z":null}`, `"AQBraw"`, "AQBraw"},
 		{"no refresh token", `{"access_token":"at","token_type":"Bearer","expires_in":3600}`, "", ""},
 		{"refresh token null", `{"access_token":"at","refresh_token":null}`, "", ""},
 		{"refresh token empty", `{"access_token":"at","refresh_token":""}`, "", ""},
 		{"nested member of that name", `{"access_token":"at","meta":{"refresh_token":"AQBraw"}}`, "", ""},
 	}
 	for _, tt := range tests {
-		got, err := s.sealAnswer([]byte(tt.body))
-		if err != nil {
-			t.Errorf("%s: sealAnswer = %v", tt.name, err)
-			continue
-		}
+		got := s.sealAnswer([]byte(tt.body))
 		sealed := sealedValue.FindAllString(string(got), -1)
 		if tt.rawJSON == "" {
 			if string(got) != tt.body {
@@ -154,6 +154,39 @@ func TestSealAnswer(t *testing.T) {
 			t.Errorf("%s: the sealed value %s opens to %q, %v; want %q", tt.name, sealed[0], token, err, tt.raw)
 		}
 	}
+}
+
+// FuzzSealAnswer checks that sealAnswer never panics, and that for a valid
+// JSON object it changes nothing but the top-level refresh_token, which opens.
+func FuzzSealAnswer(f *testing.F) {
+	f.Add(`{"access_token":"at","token_type":"Bearer","expires_in":3600,"refresh_token":"AQBraw","scope":"a b"}`)
+	f.Add(`{"refresh_token":"AQBraw","refresh_token":"AQBother"}`)
+	f.Add(`{ "a" : [ "}" , { "refresh_token" : "x" } ] , "refresh\u005ftoken" : "AQB\"raw" }`)
+	f.Add(`{"refresh_token":null,"b":{}}`)
+	s := newTestSealer(f, testSecret)
+	f.Fuzz(func(t *testing.T, body string) {
+		got := s.sealAnswer([]byte(body))
+		var in, out map[string]any
+		if !isJSONObject([]byte(body)) || json.Unmarshal([]byte(body), &in) != nil {
+			return
+		}
+		if err := json.Unmarshal(got, &out); err != nil || len(out) != len(in) {
+			t.Fatalf("sealAnswer(%s) = %s, not the same JSON object: %v", body, got, err)
+		}
+		for k, v := range in {
+			raw, isToken := v.(string)
+			if k != "refresh_token" || !isToken || raw == "" {
+				if !reflect.DeepEqual(out[k], v) {
+					t.Errorf("sealAnswer(%s): %s = %v, want %v unchanged", body, k, out[k], v)
+				}
+				continue
+			}
+			sealed, _ := out[k].(string)
+			if opened, err := s.open(sealed); err != nil || opened != raw {
+				t.Errorf("sealAnswer(%s): refresh_token %q opens to %q, %v; want %q", body, sealed, opened, err, raw)
+			}
+		}
+	})
 }
 
 // sealedUnderTestSecret are tokens sealed once under testSecret, and what
