@@ -425,3 +425,39 @@ func TestDockerignore(t *testing.T) {
 		}
 	}
 }
+
+// TestLogBuffer checks that log lines wait in the buffer, and that
+// flushEvery writes them out without being asked.
+func TestLogBuffer(t *testing.T) {
+	t.Parallel()
+	var out syncBuffer
+	logs := &logBuffer{w: bufio.NewWriter(&out)}
+	io.WriteString(logs, "line 1\n")
+	if got := out.String(); got != "" {
+		t.Errorf("before a flush the log holds %q, want nothing yet", got)
+	}
+	logs.flush()
+	if got := out.String(); got != "line 1\n" {
+		t.Errorf("after a flush the log holds %q, want line 1", got)
+	}
+
+	pipeOut, pipeIn := io.Pipe()
+	logs = &logBuffer{w: bufio.NewWriter(pipeIn)}
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go logs.flushEvery(ctx, time.Millisecond)
+	io.WriteString(logs, "line 2\n")
+	line := make(chan string, 1)
+	go func() {
+		s, _ := bufio.NewReader(pipeOut).ReadString('\n')
+		line <- s
+	}()
+	select {
+	case got := <-line:
+		if got != "line 2\n" {
+			t.Errorf("flushEvery wrote %q, want line 2", got)
+		}
+	case <-time.After(10 * time.Second): // a bound, should it never flush
+		t.Errorf("flushEvery wrote nothing in 10 s")
+	}
+}
