@@ -297,3 +297,43 @@ func TestUpstreamConnectionsAreReused(t *testing.T) {
 			wave, newConns[0], newConns[1], wave, wave/10)
 	}
 }
+
+// TestUpstreamConnectionsAreCapped sends more calls at once than the service
+// may open connections to Spotify, and checks that the rest wait for one.
+func TestUpstreamConnectionsAreCapped(t *testing.T) {
+	t.Parallel()
+	const calls = maxSpotifyConns + 40
+	arrived, release := make(chan struct{}, calls), make(chan struct{})
+	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		arrived <- struct{}{}
+		<-release
+		likeSpotify(w, r, form)
+	}, nil)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: calls}}
+	defer client.CloseIdleConnections()
+	var wg sync.WaitGroup
+	for range calls {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := client.Post(svc.url+tokenPath, formType, strings.NewReader("code=AQDcap"))
+			if err != nil {
+				t.Errorf("POST /api/token: %v", err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}()
+	}
+	for range maxSpotifyConns {
+		<-arrived // so many calls are at Spotify at once
+	}
+	close(release)
+	wg.Wait()
+	if got := svc.spotify.conns.Load(); got > maxSpotifyConns {
+		t.Errorf("%d calls at once opened %d connections to Spotify, want at most %d", calls, got, maxSpotifyConns)
+	}
+	if got := len(svc.spotify.received()); got != calls {
+		t.Errorf("Spotify received %d calls, want %d", got, calls)
+	}
+}
