@@ -84,19 +84,21 @@ func loadDotEnv(path string) error {
 // system passed in, so that tests can drive it.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	flags := flag.NewFlagSet("spotify-token-swap", flag.ContinueOnError)
-	flags.SetOutput(stderr)
+	flags.SetOutput(io.Discard) // the usage is printed below, the error by main
 	showVersion := flags.Bool("version", false, "print the version and exit")
 	check := flags.Bool("check", false, "check the configuration and ask Spotify whether it accepts the client ID and secret, then exit")
 	healthcheck := flags.Bool("healthcheck", false, "exit 0 if the service on 127.0.0.1:$PORT answers /healthz, 1 if not (for container health checks)")
-	if err := flags.Parse(args); err != nil {
+	err := flags.Parse(args)
+	if err == nil && flags.NArg() > 0 {
+		err = fmt.Errorf("unexpected argument %q", flags.Arg(0))
+	}
+	if err != nil {
+		flags.SetOutput(stderr)
+		flags.Usage()
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
 		return setupError{err}
-	}
-	if flags.NArg() > 0 {
-		flags.Usage()
-		return setupError{fmt.Errorf("unexpected argument %q", flags.Arg(0))}
 	}
 
 	switch {
