@@ -769,10 +769,13 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 		t.Errorf("the log has %d lines, want one per request (6):\n%s", len(lines), log)
 	}
 	var first struct {
-		Method, Path, RequestID string
-		Status, SpotifyStatus   int
+		Method        string `json:"method"`
+		Path          string `json:"path"`
+		Status        int    `json:"status"`
+		SpotifyStatus int    `json:"spotify_status"`
+		RequestID     string `json:"request_id"`
 	}
-	if err := json.Unmarshal([]byte(strings.NewReplacer("request_id", "RequestID", "spotify_status", "SpotifyStatus").Replace(lines[0])), &first); err != nil {
+	if err := json.Unmarshal([]byte(lines[0]), &first); err != nil {
 		t.Fatalf("log line %q: %v", lines[0], err)
 	}
 	if first.Method != "POST" || first.Path != tokenPath || first.Status != 200 || first.SpotifyStatus != 200 || first.RequestID != "req-swap-1" {

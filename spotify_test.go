@@ -251,6 +251,30 @@ func TestRedirectsAreNotFollowed(t *testing.T) {
 	checkError(t, "POST /api/token", got, 502, "server_error")
 }
 
+// swapAtOnce starts n code exchanges at once, each on its own connection to
+// the service, and returns a function that waits for them all.
+func swapAtOnce(t *testing.T, serviceURL string, n int) (wait func()) {
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: n}}
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := client.Post(serviceURL+tokenPath, formType, strings.NewReader("code=AQDatonce"))
+			if err != nil {
+				t.Errorf("POST /api/token: %v", err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}()
+	}
+	return func() {
+		wg.Wait()
+		client.CloseIdleConnections()
+	}
+}
+
 // TestUpstreamConnectionsAreReused checks that a second wave of concurrent
 // calls to Spotify reuses the first wave's connections.
 func TestUpstreamConnectionsAreReused(t *testing.T) {
@@ -262,32 +286,17 @@ func TestUpstreamConnectionsAreReused(t *testing.T) {
 		<-release // so that all calls of a wave are in flight at once
 		likeSpotify(w, r, form)
 	}, nil)
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: wave}}
-	defer client.CloseIdleConnections()
 	var newConns [2]int64
 	for i := range newConns {
 		before := svc.spotify.conns.Load()
-		var wg sync.WaitGroup
-		for range wave {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				resp, err := client.Post(svc.url+tokenPath, formType, strings.NewReader("code=AQDwave"))
-				if err != nil {
-					t.Errorf("POST /api/token: %v", err)
-					return
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-			}()
-		}
+		wait := swapAtOnce(t, svc.url, wave)
 		for range wave {
 			<-arrived
 		}
 		for range wave {
 			release <- struct{}{}
 		}
-		wg.Wait()
+		wait()
 		newConns[i] = svc.spotify.conns.Load() - before
 	}
 	// A connection may go back to the pool just after its caller is done,
@@ -309,27 +318,12 @@ func TestUpstreamConnectionsAreCapped(t *testing.T) {
 		<-release
 		likeSpotify(w, r, form)
 	}, nil)
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: calls}}
-	defer client.CloseIdleConnections()
-	var wg sync.WaitGroup
-	for range calls {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			resp, err := client.Post(svc.url+tokenPath, formType, strings.NewReader("code=AQDcap"))
-			if err != nil {
-				t.Errorf("POST /api/token: %v", err)
-				return
-			}
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-		}()
-	}
+	wait := swapAtOnce(t, svc.url, calls)
 	for range maxSpotifyConns {
 		<-arrived // so many calls are at Spotify at once
 	}
 	close(release)
-	wg.Wait()
+	wait()
 	if got := svc.spotify.conns.Load(); got > maxSpotifyConns {
 		t.Errorf("%d calls at once opened %d connections to Spotify, want at most %d", calls, got, maxSpotifyConns)
 	}
