@@ -147,8 +147,8 @@ func form(pairs ...string) string {
 // isJSONObject reports whether b is one JSON object, as every answer of the
 // token endpoint is.
 func isJSONObject(b []byte) bool {
-	b = bytes.TrimLeft(b, " \t\r\n")
-	return len(b) > 0 && b[0] == '{' && json.Valid(b)
+	i := skipSpace(b, 0)
+	return i < len(b) && b[i] == '{' && json.Valid(b)
 }
 
 // describeError returns the reason in an OAuth error answer.
@@ -296,19 +296,23 @@ func valueEnd(obj []byte, i int) int {
 			if depth--; depth == 0 {
 				return j + 1
 			}
-		case depth == 0 && (c == ',' || c == ' ' || c == '\t' || c == '\r' || c == '\n'):
+		case depth == 0 && (c == ',' || isSpace(c)):
 			return j
 		}
 	}
 	return len(obj)
 }
 
+// skipSpace returns the index of the first byte from i on that is not JSON
+// white space.
 func skipSpace(b []byte, i int) int {
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\r' || b[i] == '\n') {
+	for i < len(b) && isSpace(b[i]) {
 		i++
 	}
 	return i
 }
+
+func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\r' || c == '\n' }
 
 // isKey reports whether key, a JSON string with its quotes, spells name.
 func isKey(key []byte, name string) bool {
