@@ -219,9 +219,8 @@ func (p *params) set(name, value string) error {
 // a Content-Type is a form: the Spotify iOS SDK sends one.
 func readParams(w http.ResponseWriter, r *http.Request) (params, *apiError) {
 	var p params
-	mediaType, _, _ := strings.Cut(r.Header.Get("Content-Type"), ";")
-	mediaType = strings.ToLower(strings.TrimSpace(mediaType))
-	if mediaType != "" && mediaType != "application/x-www-form-urlencoded" && mediaType != "application/json" {
+	media := mediaType(r.Header.Get("Content-Type"))
+	if media != "" && media != "application/x-www-form-urlencoded" && media != "application/json" {
 		return p, &apiError{http.StatusUnsupportedMediaType, "invalid_request", "Content-Type must be application/x-www-form-urlencoded or application/json"}
 	}
 	if r.ContentLength > maxBodyBytes {
@@ -234,7 +233,7 @@ func readParams(w http.ResponseWriter, r *http.Request) (params, *apiError) {
 		}
 		return p, invalidRequest("the request body could not be read")
 	}
-	if mediaType == "application/json" {
+	if media == "application/json" {
 		err = p.parseJSON(body)
 	} else {
 		err = p.parseForm(string(body))
@@ -243,6 +242,12 @@ func readParams(w http.ResponseWriter, r *http.Request) (params, *apiError) {
 		return p, invalidRequest(err.Error())
 	}
 	return p, nil
+}
+
+// mediaType returns a Content-Type without its parameters, in lower case.
+func mediaType(contentType string) string {
+	t, _, _ := strings.Cut(contentType, ";")
+	return strings.ToLower(strings.TrimSpace(t))
 }
 
 // parseForm reads an application/x-www-form-urlencoded body.
