@@ -2,29 +2,59 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"path"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
-// maxBodyBytes caps a client's request body; a token request is a few hundred bytes.
-const maxBodyBytes = 64 << 10
+const (
+	// maxBodyBytes caps a client's request body; a token request is a few hundred bytes.
+	maxBodyBytes = 64 << 10
+	// maxRequestID caps the X-Request-Id kept for the log.
+	maxRequestID = 128
+	// statusClientGone is nginx's 499: the client hung up before its answer.
+	statusClientGone = 499
+)
+
+// server is the service's HTTP surface, and what it keeps while it runs.
+type server struct {
+	routes     http.Handler
+	logger     *slog.Logger
+	limiter    *limiter // nil when RATE_LIMIT is off
+	trustProxy int      // TRUST_PROXY
+	metrics    metrics
+	// stopping is set by main on SIGTERM: from then on /healthz fails and
+	// every answer closes its connection.
+	stopping atomic.Bool
+	inFlight atomic.Int64
+	// warnedProxy is set once the X-Forwarded-For warning is logged.
+	warnedProxy atomic.Bool
+}
 
 // newServer returns the service's whole HTTP surface.
-func newServer(logger *slog.Logger, cfg config, spotify *spotifyClient) http.Handler {
+func newServer(logger *slog.Logger, cfg config, spotify *spotifyClient) *server {
+	s := &server{logger: logger, trustProxy: cfg.trustProxy, metrics: metrics{start: time.Now()}}
+	if cfg.rateLimit > 0 {
+		s.limiter = newLimiter(cfg.rateLimit, cfg.ratePer)
+	}
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/token", handleToken(spotify, cfg.sealer, cfg.callbackURLs))
-	mux.Handle("POST /api/refresh_token", handleRefresh(spotify, cfg.sealer))
-	mux.Handle("GET /healthz", handleHealth())
+	mux.Handle("POST /api/token", s.limit(handleToken(&s.metrics, spotify, cfg.sealer, cfg.callbackURLs)))
+	mux.Handle("POST /api/refresh_token", s.limit(handleRefresh(&s.metrics, spotify, cfg.sealer)))
+	mux.Handle("GET /healthz", handleHealth(&s.stopping))
 	mux.Handle("GET /{$}", handleIndex())
 	// Other methods on those paths, and other paths, get JSON errors too.
 	mux.Handle("/api/token", handleMethodNotAllowed("POST"))
@@ -32,12 +62,30 @@ func newServer(logger *slog.Logger, cfg config, spotify *spotifyClient) http.Han
 	mux.Handle("/healthz", handleMethodNotAllowed("GET, HEAD"))
 	mux.Handle("/{$}", handleMethodNotAllowed("GET, HEAD"))
 	mux.Handle("/", handleNotFound())
-	return logRequests(logger, allowOrigins(cfg.corsOrigins, cleanPathsOnly(mux)))
+	s.routes = allowOrigins(cfg.corsOrigins, cleanPathsOnly(mux))
+	return s
+}
+
+// ServeHTTP answers one request, then logs it and counts it.
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
+	ex := &exchange{ResponseWriter: w, status: http.StatusOK, client: s.clientAddr(r)}
+	if s.stopping.Load() {
+		// Keep-alive clients reconnect, and the load balancer sends them
+		// elsewhere, before the drain closes their idle connections.
+		w.Header().Set("Connection", "close")
+	}
+	s.routes.ServeHTTP(ex, r)
+	took := time.Since(start)
+	s.metrics.request(route(r.URL.Path), ex.status, took)
+	s.log(r, ex, took)
 }
 
 // handleToken swaps an authorization code for tokens. OAuth client libraries
 // that use one token endpoint for both grants send refresh requests here too.
-func handleToken(spotify *spotifyClient, sealer *sealer, callbackURLs []string) http.Handler {
+func handleToken(m *metrics, spotify *spotifyClient, sealer *sealer, callbackURLs []string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p, apiErr := readParams(w, r)
 		if apiErr != nil {
@@ -47,14 +95,14 @@ func handleToken(spotify *spotifyClient, sealer *sealer, callbackURLs []string) 
 		switch p.grantType {
 		case "", "authorization_code":
 		case "refresh_token":
-			refresh(w, r, spotify, sealer, p)
+			refresh(w, r, m, spotify, sealer, p)
 			return
 		default:
 			writeError(w, errUnsupportedGrant)
 			return
 		}
 		if p.code == "" {
-			writeError(w, invalidRequest("code is required"))
+			writeError(w, missing(r, p, "code"))
 			return
 		}
 		redirectURI := callbackURLs[0]
@@ -65,13 +113,14 @@ func handleToken(spotify *spotifyClient, sealer *sealer, callbackURLs []string) 
 			}
 			redirectURI = p.redirectURI
 		}
+		start := time.Now()
 		ans, err := spotify.exchangeCode(r.Context(), p.code, redirectURI, p.codeVerifier)
-		relay(w, ans, err, sealer)
+		relay(w, r, m, ans, err, time.Since(start), sealer)
 	})
 }
 
 // handleRefresh trades a refresh token for a new access token.
-func handleRefresh(spotify *spotifyClient, sealer *sealer) http.Handler {
+func handleRefresh(m *metrics, spotify *spotifyClient, sealer *sealer) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p, apiErr := readParams(w, r)
 		if apiErr != nil {
@@ -82,15 +131,15 @@ func handleRefresh(spotify *spotifyClient, sealer *sealer) http.Handler {
 			writeError(w, errUnsupportedGrant)
 			return
 		}
-		refresh(w, r, spotify, sealer, p)
+		refresh(w, r, m, spotify, sealer, p)
 	})
 }
 
 // refresh forwards a refresh request, opening a sealed refresh token first.
-func refresh(w http.ResponseWriter, r *http.Request, spotify *spotifyClient, sealer *sealer, p params) {
+func refresh(w http.ResponseWriter, r *http.Request, m *metrics, spotify *spotifyClient, sealer *sealer, p params) {
 	token := p.refreshToken
 	if token == "" {
-		writeError(w, invalidRequest("refresh_token is required"))
+		writeError(w, missing(r, p, "refresh_token"))
 		return
 	}
 	if sealer != nil {
@@ -101,20 +150,34 @@ func refresh(w http.ResponseWriter, r *http.Request, spotify *spotifyClient, sea
 			return
 		}
 	}
+	start := time.Now()
 	ans, err := spotify.refresh(r.Context(), token)
-	relay(w, ans, err, sealer)
+	relay(w, r, m, ans, err, time.Since(start), sealer)
 }
 
 // relay answers with Spotify's status and body, or with the error that says
-// why Spotify gave no usable answer.
-func relay(w http.ResponseWriter, ans answer, err error, sealer *sealer) {
-	if lw, ok := w.(*logWriter); ok {
-		lw.spotifyStatus, lw.err = ans.status, err
+// why Spotify gave no usable answer, and counts the call.
+func relay(w http.ResponseWriter, r *http.Request, m *metrics, ans answer, err error, took time.Duration, sealer *sealer) {
+	ex, _ := w.(*exchange)
+	clientGone := errors.Is(err, context.Canceled) && r.Context().Err() != nil
+	if ex != nil {
+		ex.spotifyStatus = ans.status
+	}
+	if !errors.Is(err, errBackingOff) {
+		m.spotifyCall(ans.status, err, clientGone, took)
 	}
 	if ans.retryAfter != "" {
 		w.Header().Set("Retry-After", ans.retryAfter)
 	}
 	switch {
+	case clientGone:
+		// Nobody is left to answer, and nothing failed but the client.
+		if ex != nil {
+			ex.status, ex.reason = statusClientGone, "the client hung up before its answer; the call to Spotify was cancelled"
+		}
+		return
+	case errors.Is(err, errBackingOff):
+		writeError(w, &apiError{http.StatusTooManyRequests, "temporarily_unavailable", "Spotify is rate limiting this app; retry after Retry-After seconds"})
 	case errors.Is(err, errSpotifyTimeout):
 		writeError(w, &apiError{http.StatusGatewayTimeout, "server_error", "Spotify did not answer in time"})
 	case errors.Is(err, errSpotifyBadAnswer) && ans.status == http.StatusTooManyRequests:
@@ -126,12 +189,26 @@ func relay(w http.ResponseWriter, ans answer, err error, sealer *sealer) {
 	case sealer != nil && ans.status == http.StatusOK:
 		writeJSON(w, http.StatusOK, sealer.sealAnswer(ans.body))
 	default:
+		if ans.status/100 != 2 && ex != nil {
+			code, description := oauthError(ans.body)
+			ex.oauthError, ex.reason = code, "Spotify: "+description
+		}
 		writeJSON(w, ans.status, ans.body)
+	}
+	if err != nil && ex != nil {
+		ex.reason = err.Error() // the operator's why, not the client's
 	}
 }
 
-func handleHealth() http.Handler {
+// handleHealth answers load balancers' and platforms' health checks; it fails
+// once the service is stopping, so that they send no new clients.
+func handleHealth(stopping *atomic.Bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if stopping.Load() {
+			note(w, "", "the service is stopping")
+			writeJSON(w, http.StatusServiceUnavailable, []byte(`{"status":"stopping"}`))
+			return
+		}
 		writeJSON(w, http.StatusOK, []byte(`{"status":"ok"}`))
 	})
 }
@@ -158,13 +235,13 @@ func handleNotFound() http.Handler {
 	})
 }
 
-// cleanPathsOnly answers a path such as //api/token or /a/../api/token with
-// 404 itself: ServeMux would redirect it with a reply that is not JSON.
+// cleanPathsOnly answers a path such as //, //api/token or /a/../api/token
+// with 404 itself: ServeMux would redirect it with a reply that is not JSON.
 func cleanPathsOnly(next http.Handler) http.Handler {
 	notFound := handleNotFound()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p := r.URL.EscapedPath()
-		if clean := path.Clean(p); clean != p && clean+"/" != p {
+		if clean := path.Clean(p); clean != p && clean+"/" != p || strings.Contains(p, "//") {
 			notFound.ServeHTTP(w, r)
 			return
 		}
@@ -233,9 +310,12 @@ func readParams(w http.ResponseWriter, r *http.Request) (params, *apiError) {
 		}
 		return p, invalidRequest("the request body could not be read")
 	}
-	if media == "application/json" {
+	switch {
+	case media != "application/json" && bytes.HasPrefix(bytes.TrimLeft(body, " \t\r\n"), []byte("{")):
+		return p, invalidRequest("the body is JSON: send it with Content-Type: application/json")
+	case media == "application/json":
 		err = p.parseJSON(body)
-	} else {
+	default:
 		err = p.parseForm(string(body))
 	}
 	if err != nil {
@@ -309,6 +389,18 @@ func (p *params) parseJSON(body []byte) error {
 	return nil
 }
 
+// missing is the answer to a request without a required field, with a hint
+// where the field may have gone astray.
+func missing(r *http.Request, p params, name string) *apiError {
+	switch {
+	case name == "code" && p.refreshToken != "":
+		return invalidRequest("code is required; to refresh, send grant_type=refresh_token with the refresh_token, or post it to /api/refresh_token")
+	case r.URL.RawQuery != "":
+		return invalidRequest(name + " is required in the request body (a form or JSON); parameters in the URL query are not read")
+	}
+	return invalidRequest(name + " is required")
+}
+
 // apiError is an answer in OAuth's error shape (RFC 6749 §5.2).
 type apiError struct {
 	status      int
@@ -327,11 +419,20 @@ func invalidRequest(description string) *apiError {
 }
 
 func writeError(w http.ResponseWriter, e *apiError) {
+	note(w, e.code, e.description)
 	body, _ := json.Marshal(struct {
 		Error       string `json:"error"`
 		Description string `json:"error_description"`
 	}{e.code, e.description})
 	writeJSON(w, e.status, body)
+}
+
+// note keeps, for the request's log line, the OAuth error of its answer and
+// why it was given.
+func note(w http.ResponseWriter, oauthError, reason string) {
+	if ex, ok := w.(*exchange); ok {
+		ex.oauthError, ex.reason = oauthError, reason
+	}
 }
 
 // writeJSON writes every answer of the service. The headers go before
@@ -347,19 +448,28 @@ func writeJSON(w http.ResponseWriter, status int, body []byte) {
 }
 
 // allowOrigins lets web pages from the given origins ("*" for any) call the
-// service from a browser, and answers their CORS preflight requests.
+// service from a browser, and answers CORS preflight requests: 204 for an
+// origin allowed, 403 otherwise, so that whoever reads the browser's network
+// tab sees why.
 func allowOrigins(origins []string, next http.Handler) http.Handler {
-	if len(origins) == 0 {
-		return next
-	}
-	anyOrigin := origins[0] == "*"
+	anyOrigin := len(origins) == 1 && origins[0] == "*"
+	vary := len(origins) > 0 && !anyOrigin // the answer depends on Origin, even where it is not allowed
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
-		if !anyOrigin {
-			h.Add("Vary", "Origin") // the answer depends on it, even where it is not allowed
+		if vary {
+			h.Add("Vary", "Origin")
 		}
 		origin := r.Header.Get("Origin")
-		if origin == "" || !anyOrigin && !slices.Contains(origins, origin) {
+		allowed := origin != "" && (anyOrigin || slices.Contains(origins, origin))
+		preflight := r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != ""
+		switch {
+		case preflight && len(origins) == 0:
+			writeError(w, &apiError{http.StatusForbidden, "invalid_request", "no web page may call this service from a browser: CORS_ALLOWED_ORIGINS is not set"})
+			return
+		case preflight && !allowed:
+			writeError(w, &apiError{http.StatusForbidden, "invalid_request", "origin " + strconv.Quote(origin) + " may not call this service from a browser: it is not in CORS_ALLOWED_ORIGINS"})
+			return
+		case !allowed:
 			next.ServeHTTP(w, r)
 			return
 		}
@@ -367,7 +477,7 @@ func allowOrigins(origins []string, next http.Handler) http.Handler {
 			origin = "*"
 		}
 		h.Set("Access-Control-Allow-Origin", origin)
-		if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
+		if preflight {
 			h.Set("Access-Control-Allow-Methods", "POST, OPTIONS")
 			h.Set("Access-Control-Allow-Headers", "Content-Type")
 			h.Set("Access-Control-Max-Age", "7200") // the most Chromium keeps a preflight
@@ -379,47 +489,330 @@ func allowOrigins(origins []string, next http.Handler) http.Handler {
 	})
 }
 
-// logWriter keeps what the request's log line reports.
-type logWriter struct {
+// exchange is the ResponseWriter the handlers see: it keeps what the
+// request's log line and metrics report.
+type exchange struct {
 	http.ResponseWriter
 	status        int
-	spotifyStatus int   // 0 where Spotify was not called or did not answer
-	err           error // why Spotify gave no usable answer
+	client        netip.Addr // as the rate limiter sees it
+	spotifyStatus int        // 0 where Spotify was not called or did not answer
+	oauthError    string     // the "error" of the answer, the service's own or Spotify's
+	reason        string     // why the answer is not a success, for the operator
 }
 
-func (lw *logWriter) WriteHeader(status int) {
-	lw.status = status
-	lw.ResponseWriter.WriteHeader(status)
+func (ex *exchange) WriteHeader(status int) {
+	ex.status = status
+	ex.ResponseWriter.WriteHeader(status)
 }
 
-func (lw *logWriter) Unwrap() http.ResponseWriter { return lw.ResponseWriter }
+func (ex *exchange) Unwrap() http.ResponseWriter { return ex.ResponseWriter }
 
-// logRequests writes one line per request. It logs no body, no query and no
+// log writes the request's one line. It logs no body, no query and no
 // header but X-Request-Id, so no code, token or secret can reach the log.
-func logRequests(logger *slog.Logger, next http.Handler) http.Handler {
+func (s *server) log(r *http.Request, ex *exchange, took time.Duration) {
+	attrs := make([]slog.Attr, 0, 10)
+	attrs = append(attrs,
+		slog.String("method", r.Method),
+		slog.String("path", r.URL.Path),
+		slog.Int("status", ex.status),
+		slog.Int64("duration_us", took.Microseconds()), // slog encodes floats slowly
+		slog.String("client", ex.client.String()))
+	if ex.spotifyStatus != 0 {
+		attrs = append(attrs, slog.Int("spotify_status", ex.spotifyStatus))
+	}
+	if id := requestID(r); id != "" {
+		attrs = append(attrs, slog.String("request_id", id))
+	}
+	if ex.oauthError != "" {
+		attrs = append(attrs, slog.String("error", ex.oauthError))
+	}
+	if ex.reason != "" {
+		attrs = append(attrs, slog.String("reason", ex.reason))
+	}
+	level := slog.LevelInfo
+	if ex.status >= 500 {
+		level = slog.LevelWarn
+	}
+	s.logger.LogAttrs(r.Context(), level, "request", attrs...)
+}
+
+// requestID returns the request's X-Request-Id, cut to maxRequestID bytes
+// and to printable ASCII, so that no client can flood or forge log lines.
+func requestID(r *http.Request) string {
+	id := r.Header.Get("X-Request-Id")
+	if len(id) > maxRequestID {
+		id = id[:maxRequestID]
+	}
+	return strings.Map(func(c rune) rune {
+		if c < ' ' || c > '~' {
+			return -1
+		}
+		return c
+	}, id)
+}
+
+// clientAddr is the address a request's rate limit and log line go by: the
+// TCP peer's, or with TRUST_PROXY=n the nth entry from the right of
+// X-Forwarded-For, which the n proxies in front appended.
+func (s *server) clientAddr(r *http.Request) netip.Addr {
+	peer, _ := netip.ParseAddrPort(r.RemoteAddr)
+	if s.trustProxy == 0 {
+		if s.limiter != nil && r.Header["X-Forwarded-For"] != nil && s.warnedProxy.CompareAndSwap(false, true) {
+			s.logger.Warn("a request came with X-Forwarded-For but TRUST_PROXY is 0: every client behind that proxy shares one rate limit; set TRUST_PROXY to the number of proxies in front")
+		}
+	} else if addr, ok := forwardedFor(r.Header.Values("X-Forwarded-For"), s.trustProxy); ok {
+		return addr.Unmap()
+	}
+	return peer.Addr().Unmap()
+}
+
+// forwardedFor returns the nth entry from the right of X-Forwarded-For, the
+// headers read as one list in order; with fewer entries, the leftmost. ok is
+// false where there is none, or it is not an IP address.
+func forwardedFor(headers []string, n int) (addr netip.Addr, ok bool) {
+	entry, found := "", false
+	for i := len(headers) - 1; i >= 0 && n > 0; i-- {
+		for list := headers[i]; n > 0; n-- {
+			comma := strings.LastIndexByte(list, ',')
+			entry, found = list[comma+1:], true
+			if comma < 0 {
+				break
+			}
+			list = list[:comma]
+		}
+	}
+	addr, err := netip.ParseAddr(strings.TrimSpace(entry))
+	return addr, found && err == nil
+}
+
+// limit answers 429 to a client over RATE_LIMIT, before its body is read.
+func (s *server) limit(next http.Handler) http.Handler {
+	if s.limiter == nil {
+		return next
+	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		start := time.Now()
-		lw := &logWriter{ResponseWriter: w, status: http.StatusOK}
-		next.ServeHTTP(lw, r)
-		attrs := make([]slog.Attr, 0, 7)
-		attrs = append(attrs,
-			slog.String("method", r.Method),
-			slog.String("path", r.URL.Path),
-			slog.Int("status", lw.status),
-			slog.Int64("duration_us", time.Since(start).Microseconds())) // slog encodes floats slowly
-		if lw.spotifyStatus != 0 {
-			attrs = append(attrs, slog.Int("spotify_status", lw.spotifyStatus))
+		if ex, ok := w.(*exchange); ok {
+			if wait := s.limiter.wait(ex.client); wait > 0 {
+				s.metrics.rateLimited.Add(1)
+				seconds := strconv.Itoa(wholeSeconds(wait))
+				w.Header().Set("Retry-After", seconds)
+				writeError(w, &apiError{http.StatusTooManyRequests, "temporarily_unavailable", "too many requests from this address (RATE_LIMIT); retry in " + seconds + " s"})
+				return
+			}
 		}
-		if id := r.Header.Get("X-Request-Id"); id != "" {
-			attrs = append(attrs, slog.String("request_id", id))
-		}
-		if lw.err != nil {
-			attrs = append(attrs, slog.String("error", lw.err.Error()))
-		}
-		level := slog.LevelInfo
-		if lw.status >= 500 {
-			level = slog.LevelWarn
-		}
-		logger.LogAttrs(r.Context(), level, "request", attrs...)
+		next.ServeHTTP(w, r)
 	})
+}
+
+// maxClients bounds the limiter's table, whatever the number of distinct
+// addresses, forged ones included: about 3 MiB.
+const maxClients = 1 << 16
+
+// limiter is a rate limiter per client (GCRA, the token bucket's twin): a
+// client may make burst requests at once, then one every interval. The
+// IPv6 addresses of one /64, one subscriber's, count as one client.
+type limiter struct {
+	interval time.Duration
+	burst    time.Duration // how far ahead of now a client's schedule may run: (N-1) intervals
+	now      func() time.Time
+	mu       sync.Mutex
+	// tat is each client's theoretical arrival time: when it would have
+	// its burst back. A client whose tat has passed is as good as new, so
+	// it may be forgotten.
+	tat map[netip.Addr]time.Time
+}
+
+// newLimiter allows n requests at once per client, and n per period.
+func newLimiter(n int, period time.Duration) *limiter {
+	interval := period / time.Duration(n)
+	return &limiter{interval: interval, burst: time.Duration(n-1) * interval, now: time.Now, tat: make(map[netip.Addr]time.Time)}
+}
+
+// wait counts a request of client's and returns 0 if it may go ahead, or
+// else how long until it may.
+func (l *limiter) wait(client netip.Addr) time.Duration {
+	if client.Is6() {
+		prefix, _ := client.Prefix(64)
+		client = prefix.Addr()
+	}
+	now := l.now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	tat, known := l.tat[client]
+	if !known && len(l.tat) >= maxClients {
+		l.forget(now)
+	}
+	if tat.Before(now) {
+		tat = now
+	}
+	if wait := tat.Sub(now) - l.burst; wait > 0 {
+		return wait
+	}
+	l.tat[client] = tat.Add(l.interval)
+	return 0
+}
+
+// forget makes room in a full table: clients with their burst back go
+// first, then arbitrary others (Go's map order is random) down to three
+// quarters, so that a flood of new addresses sweeps once per quarter.
+func (l *limiter) forget(now time.Time) {
+	for client, tat := range l.tat {
+		if !tat.After(now) {
+			delete(l.tat, client)
+		}
+	}
+	for client := range l.tat {
+		if len(l.tat) < maxClients*3/4 {
+			break
+		}
+		delete(l.tat, client)
+	}
+}
+
+// The handler label of the metrics: the route, never a path a client chose.
+const (
+	routeToken = iota
+	routeRefresh
+	routeHealth
+	routeIndex
+	routeOther
+	numRoutes
+	routeLabels = "token refresh_token healthz index other"
+)
+
+func route(path string) int {
+	switch path {
+	case "/api/token":
+		return routeToken
+	case "/api/refresh_token":
+		return routeRefresh
+	case "/healthz":
+		return routeHealth
+	case "/":
+		return routeIndex
+	}
+	return routeOther
+}
+
+// metrics are the counters GET /metrics shows: fixed tables of atomic
+// counters, indexed by route and status, so that counting allocates nothing
+// and no client can add a series.
+type metrics struct {
+	start           time.Time
+	requests        [numRoutes][1000]atomic.Uint64 // by route and HTTP status
+	requestDuration [numRoutes]histogram
+	// spotifyCalls counts calls by Spotify's status; spotifyFailed those
+	// that got none, by spotifyFailures.
+	spotifyCalls    [1000]atomic.Uint64
+	spotifyFailed   [3]atomic.Uint64
+	spotifyDuration histogram
+	rateLimited     atomic.Uint64
+}
+
+// spotifyFailures label the calls to Spotify that gave no status.
+const spotifyFailures = "timeout unreachable canceled"
+
+func (m *metrics) request(route, status int, took time.Duration) {
+	m.requests[route][min(uint(status), 999)].Add(1)
+	m.requestDuration[route].observe(took)
+}
+
+func (m *metrics) spotifyCall(status int, err error, clientGone bool, took time.Duration) {
+	switch {
+	case clientGone:
+		m.spotifyFailed[2].Add(1)
+	case errors.Is(err, errSpotifyTimeout):
+		m.spotifyFailed[0].Add(1)
+	case errors.Is(err, errSpotifyUnreachable):
+		m.spotifyFailed[1].Add(1)
+	default:
+		m.spotifyCalls[min(uint(status), 999)].Add(1)
+	}
+	m.spotifyDuration.observe(took)
+}
+
+const numBuckets = 11
+
+// bucketBounds are the histograms' upper bounds, for a call to Spotify that
+// takes 50 ms to 10 s and an answer of the service's own that takes less.
+func bucketBounds() [numBuckets]time.Duration {
+	return [...]time.Duration{5e6, 10e6, 25e6, 50e6, 100e6, 250e6, 500e6, 1e9, 2.5e9, 5e9, 10e9}
+}
+
+// histogram counts durations per bucket, the last for those over every bound.
+type histogram struct {
+	counts [numBuckets + 1]atomic.Uint64
+	sum    atomic.Int64 // nanoseconds
+}
+
+func (h *histogram) observe(d time.Duration) {
+	i := 0
+	for bounds := bucketBounds(); i < len(bounds) && d > bounds[i]; i++ {
+	}
+	h.counts[i].Add(1)
+	h.sum.Add(int64(d))
+}
+
+// write prints h in the Prometheus text format; labels are the series'
+// own, such as handler="token", or "".
+func (h *histogram) write(w io.Writer, name, labels string) {
+	comma := strings.TrimSuffix(labels+",", ",,")
+	var count uint64
+	for i, bound := range bucketBounds() {
+		count += h.counts[i].Load()
+		fmt.Fprintf(w, "%s_bucket{%sle=\"%g\"} %d\n", name, comma, bound.Seconds(), count)
+	}
+	count += h.counts[len(h.counts)-1].Load()
+	fmt.Fprintf(w, "%s_bucket{%sle=\"+Inf\"} %d\n", name, comma, count)
+	fmt.Fprintf(w, "%s_sum{%s} %g\n%s_count{%s} %d\n", name, labels, time.Duration(h.sum.Load()).Seconds(), name, labels, count)
+}
+
+// metricsHandler serves GET /metrics in the Prometheus text format 0.0.4,
+// for the listener on METRICS_ADDR.
+func (s *server) metricsHandler(version string) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		m := &s.metrics
+		var b bytes.Buffer
+		family := func(name, kind, help string) { fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind) }
+		routes := strings.Fields(routeLabels)
+		family("tokenswap_requests_total", "counter", "Requests answered, by handler and HTTP status (499: the client hung up).")
+		for route := range m.requests {
+			for code := range m.requests[route] {
+				if n := m.requests[route][code].Load(); n > 0 {
+					fmt.Fprintf(&b, "tokenswap_requests_total{handler=%q,code=\"%d\"} %d\n", routes[route], code, n)
+				}
+			}
+		}
+		family("tokenswap_request_duration_seconds", "histogram", "Time to answer a request, by handler.")
+		for route := range m.requestDuration {
+			m.requestDuration[route].write(&b, "tokenswap_request_duration_seconds", `handler="`+routes[route]+`"`)
+		}
+		family("tokenswap_requests_in_flight", "gauge", "Requests being answered.")
+		fmt.Fprintf(&b, "tokenswap_requests_in_flight %d\n", s.inFlight.Load())
+		family("tokenswap_spotify_requests_total", "counter", "Calls to Spotify's token endpoint, by its status, or why it gave none.")
+		for code := range m.spotifyCalls {
+			if n := m.spotifyCalls[code].Load(); n > 0 {
+				fmt.Fprintf(&b, "tokenswap_spotify_requests_total{code=\"%d\"} %d\n", code, n)
+			}
+		}
+		for i, failure := range strings.Fields(spotifyFailures) {
+			if n := m.spotifyFailed[i].Load(); n > 0 {
+				fmt.Fprintf(&b, "tokenswap_spotify_requests_total{code=%q} %d\n", failure, n)
+			}
+		}
+		family("tokenswap_spotify_request_duration_seconds", "histogram", "Time a call to Spotify took.")
+		m.spotifyDuration.write(&b, "tokenswap_spotify_request_duration_seconds", "")
+		family("tokenswap_rate_limited_total", "counter", "Requests refused for going over RATE_LIMIT.")
+		fmt.Fprintf(&b, "tokenswap_rate_limited_total %d\n", m.rateLimited.Load())
+		family("tokenswap_build_info", "gauge", "The version running, as a label; always 1.")
+		fmt.Fprintf(&b, "tokenswap_build_info{version=%q} 1\n", version)
+		family("go_goroutines", "gauge", "Number of goroutines that currently exist.")
+		fmt.Fprintf(&b, "go_goroutines %d\n", runtime.NumGoroutine())
+		family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.")
+		fmt.Fprintf(&b, "process_start_time_seconds %s\n", strconv.FormatFloat(float64(m.start.UnixMilli())/1e3, 'f', 3, 64))
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		w.Write(b.Bytes())
+	})
+	return mux
 }

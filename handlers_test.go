@@ -142,7 +142,7 @@ func likeSpotify(w http.ResponseWriter, r *http.Request, form url.Values) {
 }
 
 // testEnv is the environment of a service under test; set overrides it.
-func testEnv(accountsURL string, set map[string]string) func(string) string {
+func testEnv(accountsURL string, set map[string]string) map[string]string {
 	env := map[string]string{
 		"SPOTIFY_CLIENT_ID":           testClientID,
 		"SPOTIFY_CLIENT_SECRET":       testClientSecret,
@@ -152,7 +152,7 @@ func testEnv(accountsURL string, set map[string]string) func(string) string {
 	for k, v := range set {
 		env[k] = v
 	}
-	return func(name string) string { return env[name] }
+	return env
 }
 
 // testConfig loads the test environment, overridden by env, or fails the test.
@@ -163,6 +163,11 @@ func testConfig(t testing.TB, accountsURL string, env map[string]string) config 
 		t.Fatalf("loadConfig: %v", err)
 	}
 	return cfg
+}
+
+// testSpotifyClient is the Spotify client run would make for cfg.
+func testSpotifyClient(cfg config) *spotifyClient {
+	return newSpotifyClient(cfg.accountsURL, cfg.clientID, cfg.clientSecret, cfg.spotifyTimeout)
 }
 
 // syncBuffer is a bytes.Buffer that the server's goroutines can log to.
@@ -198,7 +203,7 @@ func startService(t testing.TB, answer spotifyFunc, env map[string]string) *test
 	spotify := newFakeSpotify(t, answer)
 	cfg := testConfig(t, spotify.url, env)
 	log := &syncBuffer{}
-	srv := httptest.NewServer(newServer(slog.New(slog.NewJSONHandler(log, nil)), cfg, newSpotifyClient(cfg)))
+	srv := httptest.NewServer(newServer(slog.New(slog.NewJSONHandler(log, nil)), cfg, testSpotifyClient(cfg)))
 	t.Cleanup(srv.Close)
 	return &testService{url: srv.URL, spotify: spotify, log: log, close: srv.Close}
 }
@@ -658,8 +663,9 @@ func TestSpotifyFaults(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			svc := startService(t, tt.answer, map[string]string{"SPOTIFY_TIMEOUT": "200ms"})
 			for _, path := range []string{tokenPath, refreshPath} {
+				// A service for each: a 429 holds the next call back.
+				svc := startService(t, tt.answer, map[string]string{"SPOTIFY_TIMEOUT": "200ms"})
 				got := send(t, "POST", svc.url+path, formType, "code=AQDfault&refresh_token=AQBfault")
 				if tt.wantError != "" {
 					checkError(t, "POST "+path, got, tt.wantStatus, tt.wantError)
@@ -669,13 +675,13 @@ func TestSpotifyFaults(t *testing.T) {
 				if ra := got.header.Get("Retry-After"); ra != tt.wantRetryAfter {
 					t.Errorf("POST %s: Retry-After = %q, want %q", path, ra, tt.wantRetryAfter)
 				}
-			}
-			if !strings.Contains(svc.log.String(), tt.wantLog) {
-				t.Errorf("the log does not hold %q:\n%s", tt.wantLog, svc.log)
-			}
-			// A code is single-use: a failed exchange is never retried.
-			if n := len(svc.spotify.received()); n != 2 {
-				t.Errorf("Spotify received %d requests, want 2 (one per endpoint, no retry)", n)
+				if !strings.Contains(svc.log.String(), tt.wantLog) {
+					t.Errorf("the log does not hold %q:\n%s", tt.wantLog, svc.log)
+				}
+				// A code is single-use: a failed exchange is never retried.
+				if n := len(svc.spotify.received()); n != 1 {
+					t.Errorf("POST %s: Spotify received %d requests, want 1 (no retry)", path, n)
+				}
 			}
 		})
 	}
@@ -803,14 +809,16 @@ func TestCORS(t *testing.T) {
 			t.Errorf("POST with Origin: CORS headers %v, Vary %q, want none", names, got.header.Get("Vary"))
 		}
 		got = send(t, "OPTIONS", svc.url+tokenPath, noneType, "", "Origin", page, "Access-Control-Request-Method", "POST")
-		checkError(t, "preflight", got, 405, "invalid_request")
-		if names := corsHeaders(got.header); len(names) != 0 {
-			t.Errorf("preflight: CORS headers %v, want none", names)
+		checkError(t, "preflight", got, 403, "invalid_request")
+		if names := corsHeaders(got.header); len(names) != 0 || !strings.Contains(got.body, "CORS_ALLOWED_ORIGINS is not set") {
+			t.Errorf("preflight: CORS headers %v, body %s; want none, and a body saying CORS is off", names, got.body)
 		}
+		// An OPTIONS that is no preflight is a method not allowed.
+		checkError(t, "OPTIONS", send(t, "OPTIONS", svc.url+tokenPath, noneType, ""), 405, "invalid_request")
 	})
 	t.Run("listed origins", func(t *testing.T) {
 		t.Parallel()
-		svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "http://localhost:5173, " + page})
+		svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "http://127.0.0.1:5173, " + page})
 		for _, path := range []string{tokenPath, refreshPath} {
 			got := send(t, "OPTIONS", svc.url+path, noneType, "",
 				"Origin", page, "Access-Control-Request-Method", "POST", "Access-Control-Request-Headers", "content-type")
@@ -839,10 +847,10 @@ func TestCORS(t *testing.T) {
 			t.Errorf("POST from %s: Access-Control-Expose-Headers = %q, want Retry-After", page, got.header.Get("Access-Control-Expose-Headers"))
 		}
 		// The page must be able to read the error, too.
-		got = send(t, "POST", svc.url+tokenPath, jsonType, `{}`, "Origin", "http://localhost:5173")
+		got = send(t, "POST", svc.url+tokenPath, jsonType, `{}`, "Origin", "http://127.0.0.1:5173")
 		checkError(t, "POST without code", got, 400, "invalid_request")
-		if got.header.Get("Access-Control-Allow-Origin") != "http://localhost:5173" {
-			t.Errorf("error answer: Access-Control-Allow-Origin = %q, want http://localhost:5173", got.header.Get("Access-Control-Allow-Origin"))
+		if got.header.Get("Access-Control-Allow-Origin") != "http://127.0.0.1:5173" {
+			t.Errorf("error answer: Access-Control-Allow-Origin = %q, want http://127.0.0.1:5173", got.header.Get("Access-Control-Allow-Origin"))
 		}
 		for _, other := range []string{"https://evil.example", "https://app.example.com.evil.example", "null", "HTTPS://APP.EXAMPLE.COM"} {
 			got = send(t, "POST", svc.url+tokenPath, formType, "code=a", "Origin", other)
@@ -850,8 +858,9 @@ func TestCORS(t *testing.T) {
 				t.Errorf("POST from %s: CORS headers %v, want none", other, names)
 			}
 			got = send(t, "OPTIONS", svc.url+tokenPath, noneType, "", "Origin", other, "Access-Control-Request-Method", "POST")
-			if names := corsHeaders(got.header); len(names) != 0 || got.status == 204 {
-				t.Errorf("preflight from %s = %d with CORS headers %v, want no CORS headers", other, got.status, names)
+			checkError(t, "preflight from "+other, got, 403, "invalid_request")
+			if names := corsHeaders(got.header); len(names) != 0 || !strings.Contains(got.body, other) {
+				t.Errorf("preflight from %s: CORS headers %v, body %s; want none, and a body naming the origin", other, names, got.body)
 			}
 		}
 	})
@@ -1199,7 +1208,7 @@ func benchmarkSwap(b *testing.B, path, body string, env map[string]string) {
 	}))
 	defer spotify.Close()
 	cfg := testConfig(b, spotify.URL, env)
-	handler := newServer(slog.New(slog.NewJSONHandler(io.Discard, nil)), cfg, newSpotifyClient(cfg))
+	handler := newServer(slog.New(slog.NewJSONHandler(io.Discard, nil)), cfg, testSpotifyClient(cfg))
 	b.ReportAllocs()
 	for b.Loop() {
 		r := httptest.NewRequest("POST", path, strings.NewReader(body))

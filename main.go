@@ -15,7 +15,6 @@
 package main
 
 import (
-	"bufio"
 	"cmp"
 	"context"
 	"errors"
@@ -26,15 +25,18 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+	"unicode"
 
 	"github.com/joho/godotenv"
 )
@@ -45,9 +47,13 @@ var version string
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	err := loadDotEnv(".env")
+	env, found, err := readEnv(".env", os.Environ())
 	if err == nil {
-		err = run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+		err = run(ctx, os.Args[1:], env, os.Stdout, os.Stderr)
+	}
+	if errors.Is(err, errNotSet) && !found {
+		dir, _ := os.Getwd()
+		err = fmt.Errorf("%w\n(no .env file in %s, the working directory: settings come from the environment alone)", err, dir)
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "spotify-token-swap: %v\n", err)
@@ -65,36 +71,60 @@ type setupError struct{ err error }
 func (e setupError) Error() string { return e.err.Error() }
 func (e setupError) Unwrap() error { return e.err }
 
-// loadDotEnv copies the settings of a .env file into the environment.
-// Variables already set win, and a missing file is no error. godotenv's parse
-// errors quote the file's content, secrets included, so they are not passed on.
-func loadDotEnv(path string) error {
-	err := godotenv.Load(path)
-	if err == nil || errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
+// readEnv returns the environment, environ, over the settings of a .env file
+// at path: a variable already set wins. A missing file is no error, found
+// says whether there was one. godotenv's parse errors quote the file's
+// content, secrets included, so they are not passed on.
+func readEnv(path string, environ []string) (env map[string]string, found bool, err error) {
+	env, err = godotenv.Read(path)
 	var pathErr *fs.PathError
-	if errors.As(err, &pathErr) {
-		return setupError{fmt.Errorf("reading %s: %w", path, pathErr.Err)}
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		env = map[string]string{}
+	case errors.As(err, &pathErr):
+		return nil, true, setupError{fmt.Errorf("reading %s: %w", path, pathErr.Err)}
+	case err != nil:
+		return nil, true, setupError{fmt.Errorf("%s does not parse: check the quoting and the variable names on each line", path)}
+	default:
+		found = true
 	}
-	return setupError{fmt.Errorf("%s does not parse: check the quoting and the variable names on each line", path)}
+	for _, kv := range environ {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			env[k] = v
+		}
+	}
+	return env, found, nil
 }
+
+// usage is printed for -h and for a bad flag, before the flags.
+const usage = `Usage: spotify-token-swap [-check | -healthcheck | -version]
+
+Without a flag it serves the token swap on $PORT until SIGINT or SIGTERM.
+Settings come from the environment and from the file .env in the working
+directory (a variable set in the environment wins); README.md explains each:
+
+  required  SPOTIFY_CLIENT_ID SPOTIFY_CLIENT_SECRET SPOTIFY_CLIENT_CALLBACK_URL
+  optional  %s
+
+Flags:
+`
 
 // run is the whole program behind main, with what comes from the operating
 // system passed in, so that tests can drive it.
-func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+func run(ctx context.Context, args []string, env map[string]string, stdout, stderr io.Writer) error {
 	flags := flag.NewFlagSet("spotify-token-swap", flag.ContinueOnError)
 	flags.SetOutput(io.Discard) // the usage is printed below, the error by main
 	showVersion := flags.Bool("version", false, "print the version and exit")
-	check := flags.Bool("check", false, "check the configuration and ask Spotify whether it accepts the client ID and secret, then exit")
+	check := flags.Bool("check", false, "check the settings and ask Spotify whether it accepts the client ID and secret, then exit")
 	healthcheck := flags.Bool("healthcheck", false, "exit 0 if the service on 127.0.0.1:$PORT answers /healthz, 1 if not (for container health checks)")
 	err := flags.Parse(args)
 	if err == nil && flags.NArg() > 0 {
 		err = fmt.Errorf("unexpected argument %q", flags.Arg(0))
 	}
 	if err != nil {
+		fmt.Fprintf(stderr, usage, strings.Join(strings.Fields(settings)[3:], " "))
 		flags.SetOutput(stderr)
-		flags.Usage()
+		flags.PrintDefaults()
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
@@ -106,54 +136,85 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		fmt.Fprintln(stdout, buildVersion())
 		return nil
 	case *healthcheck:
-		return checkHealth(ctx, getenv)
+		return checkHealth(ctx, env)
 	}
-	cfg, err := loadConfig(getenv)
+	cfg, err := loadConfig(env)
 	if err != nil {
 		return setupError{err}
 	}
-	spotify := newSpotifyClient(cfg)
+	spotify := newSpotifyClient(cfg.accountsURL, cfg.clientID, cfg.clientSecret, cfg.spotifyTimeout)
 	if *check {
 		return checkCredentials(ctx, spotify, cfg.accountsURL, stdout)
 	}
 
-	logs := &logBuffer{w: bufio.NewWriterSize(stderr, 64<<10)}
+	logs := &logBuffer{out: stderr}
 	defer logs.flush()
 	logger := slog.New(slog.NewJSONHandler(logs, nil))
-	srv := newHTTPServer(cfg, newServer(logger, cfg, spotify), logger)
+	for _, w := range cfg.warnings {
+		logger.Warn(w)
+	}
+	svc := newServer(logger, cfg, spotify)
+	srv := newHTTPServer(cfg, svc, logger)
 	ln, err := net.Listen("tcp", srv.Addr)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
+	if cfg.metricsAddr != "" {
+		mln, err := net.Listen("tcp", cfg.metricsAddr)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("listen on METRICS_ADDR: %w", err)
+		}
+		metrics := &http.Server{Handler: svc.metricsHandler(buildVersion()), ReadHeaderTimeout: cfg.readHeaderTimeout}
+		go metrics.Serve(mln)
+		defer metrics.Close()
+		logger.Info("serving metrics", "addr", mln.Addr().String())
+	}
 	logger.Info("listening", "addr", ln.Addr().String(), "version", buildVersion(),
-		"accounts_url", cfg.accountsURL, "sealing", cfg.sealer != nil, "cors", len(cfg.corsOrigins) > 0)
+		"accounts_url", cfg.accountsURL, "sealing", cfg.sealer != nil, "cors", len(cfg.corsOrigins) > 0,
+		"rate_limit", cmp.Or(env["RATE_LIMIT"], "off"), "trust_proxy", cfg.trustProxy)
 	logs.flush()
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go logs.flushEvery(ctx, logFlushInterval)
-	return serve(ctx, srv, ln, cfg.shutdownTimeout)
+	// Lines keep flowing until the very end, through the drain included.
+	flushing, stopFlushing := context.WithCancel(context.Background())
+	defer stopFlushing()
+	go logs.flushEvery(flushing, logFlushInterval)
+	return serve(ctx, srv, ln, svc, cfg, logger)
 }
 
 // logBuffer gathers log lines and writes them in batches: one write per
 // request costs about a tenth of the service's throughput. As with nginx's
 // buffered access log, a line waits at most logFlushInterval.
 type logBuffer struct {
-	mu sync.Mutex
-	w  *bufio.Writer
+	mu  sync.Mutex
+	out io.Writer
+	buf []byte
 }
 
 func (b *logBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.w.Write(p)
+	if len(b.buf)+len(p) > logBufferSize {
+		b.flushLocked()
+	}
+	b.buf = append(b.buf, p...)
+	return len(p), nil
 }
 
-// flush writes out what is buffered. A log that cannot be written is not
-// worth stopping for, so the error is dropped.
+// flush writes out what is buffered.
 func (b *logBuffer) flush() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.w.Flush()
+	b.flushLocked()
+}
+
+// flushLocked writes the buffer out and empties it. A failed write loses
+// those lines only: unlike bufio's, the error does not stick, so logging
+// goes on once the output takes writes again.
+func (b *logBuffer) flushLocked() {
+	if len(b.buf) > 0 {
+		b.out.Write(b.buf)
+		b.buf = b.buf[:0]
+	}
 }
 
 // flushEvery flushes the buffer at every tick until ctx is done.
@@ -186,9 +247,12 @@ func newHTTPServer(cfg config, handler http.Handler, logger *slog.Logger) *http.
 	}
 }
 
-// serve runs srv on ln until ctx is done, then stops accepting connections
-// and waits up to grace for the requests in flight.
-func serve(ctx context.Context, srv *http.Server, ln net.Listener, grace time.Duration) error {
+// serve runs srv on ln until ctx is done. Then, for cfg.shutdownDelay, it
+// goes on serving while /healthz fails and every answer closes its
+// connection, so that load balancers and keep-alive clients move away;
+// then it stops accepting and waits up to cfg.shutdownTimeout for the
+// requests in flight.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener, svc *server, cfg config, logger *slog.Logger) error {
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {
@@ -196,13 +260,26 @@ func serve(ctx context.Context, srv *http.Server, ln net.Listener, grace time.Du
 		return fmt.Errorf("serve: %w", err)
 	case <-ctx.Done():
 	}
+	svc.stopping.Store(true)
+	logger.Info("stopping", "in_flight", svc.inFlight.Load(), "delay", cfg.shutdownDelay.String())
+	if cfg.shutdownDelay > 0 {
+		delay := time.NewTimer(cfg.shutdownDelay)
+		select {
+		case <-delay.C:
+		case err := <-errc:
+			return fmt.Errorf("serve: %w", err)
+		}
+		logger.Info("draining", "in_flight", svc.inFlight.Load(), "grace", cfg.shutdownTimeout.String())
+	}
 	// A fresh context: ctx is already done, and Shutdown with it would
 	// return at once and drop the requests in flight.
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), grace)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx); err != nil {
+		logger.Warn("stopped before every request had finished", "in_flight", svc.inFlight.Load(), "error", err.Error())
 		return fmt.Errorf("shutdown: %w", err)
 	}
+	logger.Info("stopped")
 	return nil
 }
 
@@ -218,8 +295,8 @@ func buildVersion() string {
 }
 
 // checkHealth asks the service running on this machine for /healthz.
-func checkHealth(ctx context.Context, getenv func(string) string) error {
-	port := cmp.Or(getenv("PORT"), defaultPort)
+func checkHealth(ctx context.Context, env map[string]string) error {
+	port := cmp.Or(strings.TrimSpace(env["PORT"]), defaultPort)
 	if err := checkPort(port); err != nil {
 		return setupError{err}
 	}
@@ -246,18 +323,30 @@ func checkCredentials(ctx context.Context, spotify *spotifyClient, accountsURL s
 		return fmt.Errorf("check: %w", err)
 	}
 	if ans.status != http.StatusOK {
-		return fmt.Errorf("check: %s answered %d: %s", accountsURL, ans.status, describeError(ans.body))
+		code, description := oauthError(ans.body)
+		why := cmp.Or(strings.TrimSuffix(code+": "+description, ": "), "the answer is not an OAuth error")
+		return fmt.Errorf("check: %s answered %d: %s", accountsURL, ans.status, why)
 	}
 	fmt.Fprintf(stdout, "ok: credentials accepted by %s\n", accountsURL)
 	return nil
 }
 
 const (
+	// settings names every variable the service reads, the required ones first.
+	settings = "SPOTIFY_CLIENT_ID SPOTIFY_CLIENT_SECRET SPOTIFY_CLIENT_CALLBACK_URL " +
+		"PORT SPOTIFY_ACCOUNTS_URL SPOTIFY_TIMEOUT ENCRYPTION_SECRET CORS_ALLOWED_ORIGINS " +
+		"RATE_LIMIT TRUST_PROXY SHUTDOWN_DELAY METRICS_ADDR"
+	// settingPrefixes start the names that, unknown, are likely typos of a setting.
+	settingPrefixes = "SPOTIFY_ CORS_ ENCRYPTION_ RATE_ TRUST_ METRICS_ SHUTDOWN_"
+
 	defaultPort        = "8080"
 	defaultAccountsURL = "https://accounts.spotify.com"
 	defaultTimeout     = 10 * time.Second
+	shutdownGrace      = 10 * time.Second
 	maxHeaderBytes     = 64 << 10
+	logBufferSize      = 64 << 10
 	logFlushInterval   = 100 * time.Millisecond
+	maxTrustProxy      = 10
 
 	// The placeholders of .env.example, refused so that a copied but
 	// unfilled .env fails at start rather than at Spotify.
@@ -267,6 +356,10 @@ const (
 	placeholderSecret       = "replace-with-a-random-secret-of-at-least-32-characters"
 	minSecretLength         = 32
 )
+
+// errNotSet marks a required setting that is missing, so that main can say
+// where settings are looked for.
+var errNotSet = errors.New("not set")
 
 // config is everything the service needs to run, read from the environment.
 type config struct {
@@ -287,21 +380,39 @@ type config struct {
 	sealer *sealer
 	// corsOrigins are the browser origins allowed to call, or just "*".
 	corsOrigins []string
+	// rateLimit is how many token requests a client address may make at
+	// once, earning one back every ratePer/rateLimit; 0 when RATE_LIMIT is off.
+	rateLimit int
+	ratePer   time.Duration
+	// trustProxy is how many reverse proxies in front of the service append
+	// to X-Forwarded-For; 0 trusts none and takes the TCP peer's address.
+	trustProxy int
+	// shutdownDelay is how long the service keeps serving after SIGTERM,
+	// with /healthz failing, before it drains.
+	shutdownDelay time.Duration
+	// metricsAddr is the host:port of the /metrics listener, or "" for none.
+	metricsAddr string
+	// warnings name the variables that look like settings but are none.
+	warnings []string
 
 	// The server's own limits: fixed, but fields so that tests can shorten them.
-	readHeaderTimeout, readTimeout, idleTimeout, shutdownTimeout time.Duration
+	readHeaderTimeout, readTimeout, idleTimeout time.Duration
+	// shutdownTimeout bounds the drain; it is never shorter than one call
+	// to Spotify, which may already have consumed a single-use code.
+	shutdownTimeout time.Duration
 }
 
 // loadConfig reads and checks every setting, and reports all problems at once.
-func loadConfig(getenv func(string) string) (config, error) {
+func loadConfig(env map[string]string) (config, error) {
+	get := func(name string) string { return strings.TrimSpace(env[name]) }
 	cfg := config{
-		clientID:          strings.TrimSpace(getenv("SPOTIFY_CLIENT_ID")),
-		clientSecret:      strings.TrimSpace(getenv("SPOTIFY_CLIENT_SECRET")),
-		port:              cmp.Or(strings.TrimSpace(getenv("PORT")), defaultPort),
+		clientID:          get("SPOTIFY_CLIENT_ID"),
+		clientSecret:      get("SPOTIFY_CLIENT_SECRET"),
+		port:              cmp.Or(get("PORT"), defaultPort),
+		metricsAddr:       get("METRICS_ADDR"),
 		readHeaderTimeout: 5 * time.Second,
 		readTimeout:       10 * time.Second,
 		idleTimeout:       60 * time.Second,
-		shutdownTimeout:   10 * time.Second,
 	}
 	var problems []error
 	problem := func(format string, args ...any) { problems = append(problems, fmt.Errorf(format, args...)) }
@@ -309,26 +420,26 @@ func loadConfig(getenv func(string) string) (config, error) {
 	required := func(name, value, placeholder string) {
 		switch value {
 		case "":
-			problem("%s is not set", name)
+			problems = append(problems, fmt.Errorf("%s is %w", name, errNotSet))
 		case placeholder:
 			problem("%s is still the placeholder from .env.example", name)
 		}
 	}
 	required("SPOTIFY_CLIENT_ID", cfg.clientID, placeholderClientID)
 	required("SPOTIFY_CLIENT_SECRET", cfg.clientSecret, placeholderClientSecret)
-
-	if callbacks := getenv("SPOTIFY_CLIENT_CALLBACK_URL"); strings.TrimSpace(callbacks) == "" {
-		problem("SPOTIFY_CLIENT_CALLBACK_URL is not set")
-	} else {
-		for _, u := range splitList(callbacks) {
-			switch parsed, err := url.Parse(u); {
-			case u == placeholderCallbackURL:
-				problem("SPOTIFY_CLIENT_CALLBACK_URL is still the placeholder from .env.example")
-			case err != nil || parsed.Scheme == "":
-				problem("SPOTIFY_CLIENT_CALLBACK_URL: %q is not an absolute URL such as myapp://callback", u)
-			default:
-				cfg.callbackURLs = append(cfg.callbackURLs, u)
-			}
+	callbacks := get("SPOTIFY_CLIENT_CALLBACK_URL")
+	required("SPOTIFY_CLIENT_CALLBACK_URL", callbacks, "")
+	for _, u := range splitList(callbacks) {
+		switch parsed, err := url.Parse(u); {
+		case callbacks == "":
+		case u == placeholderCallbackURL:
+			problem("SPOTIFY_CLIENT_CALLBACK_URL is still the placeholder from .env.example")
+		case err != nil || parsed.Scheme == "":
+			problem("SPOTIFY_CLIENT_CALLBACK_URL: %q is not an absolute URL such as myapp://callback", u)
+		case parsed.Opaque != "": // localhost:3000/cb is scheme localhost
+			problem("SPOTIFY_CLIENT_CALLBACK_URL: %q has no // after %q: write the whole URL, such as http://127.0.0.1:3000/callback or myapp://callback", u, parsed.Scheme+":")
+		default:
+			cfg.callbackURLs = append(cfg.callbackURLs, u)
 		}
 	}
 
@@ -336,21 +447,34 @@ func loadConfig(getenv func(string) string) (config, error) {
 		problems = append(problems, err)
 	}
 
-	cfg.accountsURL = strings.TrimRight(cmp.Or(strings.TrimSpace(getenv("SPOTIFY_ACCOUNTS_URL")), defaultAccountsURL), "/")
-	if u, err := url.Parse(cfg.accountsURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+	cfg.accountsURL = strings.TrimRight(cmp.Or(get("SPOTIFY_ACCOUNTS_URL"), defaultAccountsURL), "/")
+	switch u, err := url.Parse(cfg.accountsURL); {
+	case strings.Contains(cfg.accountsURL, "@"): // not quoted: it may hold a password
+		problem("SPOTIFY_ACCOUNTS_URL must not hold a user or password: the service sends the client ID and secret itself")
+	case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "":
 		problem("SPOTIFY_ACCOUNTS_URL: %q is not an http or https base URL such as %s", cfg.accountsURL, defaultAccountsURL)
+	case u.Scheme == "http" && !isLoopback(u.Hostname()):
+		problem("SPOTIFY_ACCOUNTS_URL: %q is plain http to another machine: the client secret would cross the network in clear; use https", cfg.accountsURL)
+	case strings.HasSuffix(u.Path, "/api/token"):
+		problem("SPOTIFY_ACCOUNTS_URL: %q is the token endpoint; give the base URL, without /api/token, such as %s", cfg.accountsURL, defaultAccountsURL)
 	}
 
-	cfg.spotifyTimeout = defaultTimeout
-	if s := strings.TrimSpace(getenv("SPOTIFY_TIMEOUT")); s != "" {
-		d, err := time.ParseDuration(s)
-		if err != nil || d <= 0 {
-			problem("SPOTIFY_TIMEOUT: %q is not a positive duration such as 10s", s)
+	duration := func(name string, def time.Duration, what string) time.Duration {
+		s := get(name)
+		if s == "" {
+			return def
 		}
-		cfg.spotifyTimeout = d
+		d, err := time.ParseDuration(s)
+		if err != nil || d < 0 || d == 0 && what == "positive" {
+			problem("%s: %q is not a %s duration such as 15s", name, s, what)
+		}
+		return d
 	}
+	cfg.spotifyTimeout = duration("SPOTIFY_TIMEOUT", defaultTimeout, "positive")
+	cfg.shutdownDelay = duration("SHUTDOWN_DELAY", 0, "non-negative")
+	cfg.shutdownTimeout = max(shutdownGrace, cfg.spotifyTimeout+time.Second)
 
-	if s := getenv("ENCRYPTION_SECRET"); strings.TrimSpace(s) != "" {
+	if s := get("ENCRYPTION_SECRET"); s != "" {
 		secrets := splitList(s)
 		for i, secret := range secrets {
 			switch {
@@ -366,22 +490,101 @@ func loadConfig(getenv func(string) string) (config, error) {
 		}
 	}
 
-	if s := getenv("CORS_ALLOWED_ORIGINS"); strings.TrimSpace(s) != "" {
+	if s := get("CORS_ALLOWED_ORIGINS"); s != "" {
 		cfg.corsOrigins = splitList(s)
 		for _, o := range cfg.corsOrigins {
-			if o == "*" {
-				if len(cfg.corsOrigins) > 1 {
-					problem("CORS_ALLOWED_ORIGINS: * allows every origin and must stand alone")
-				}
-				continue
-			}
-			if u, err := url.Parse(o); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
-				u.Scheme+"://"+u.Host != o || strings.ToLower(o) != o {
+			u, err := url.Parse(o)
+			switch {
+			case o == "*" && len(cfg.corsOrigins) > 1:
+				problem("CORS_ALLOWED_ORIGINS: * allows every origin and must stand alone")
+			case o == "*":
+			case strings.ContainsFunc(o, func(r rune) bool { return r > unicode.MaxASCII }):
+				problem("CORS_ALLOWED_ORIGINS: %q: browsers send a host that is not ASCII in its punycode form (xn--...); write it as the browser's Origin header shows it", o)
+			case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
+				u.Scheme+"://"+u.Host != o || strings.ToLower(o) != o:
 				problem("CORS_ALLOWED_ORIGINS: %q is not an origin such as https://app.example.com (lower case, no path, no trailing slash)", o)
+			case u.Scheme == "https" && u.Port() == "443" || u.Scheme == "http" && u.Port() == "80":
+				problem("CORS_ALLOWED_ORIGINS: %q names the default port, which browsers leave out of Origin: write %s", o, strings.TrimSuffix(o, ":"+u.Port()))
 			}
 		}
 	}
+
+	if s := get("RATE_LIMIT"); s != "" && s != "off" {
+		n, per, _ := strings.Cut(s, "/")
+		var err error
+		cfg.rateLimit, err = strconv.Atoi(n)
+		cfg.ratePer = map[string]time.Duration{"s": time.Second, "min": time.Minute, "h": time.Hour}[per]
+		if err != nil || cfg.rateLimit <= 0 || cfg.ratePer == 0 {
+			problem("RATE_LIMIT: %q is not a rate such as 10/min (N/s, N/min or N/h), nor off", s)
+			cfg.rateLimit = 0
+		}
+	}
+	if s := get("TRUST_PROXY"); s != "" {
+		var err error
+		if cfg.trustProxy, err = strconv.Atoi(s); err != nil || cfg.trustProxy < 0 || cfg.trustProxy > maxTrustProxy {
+			problem("TRUST_PROXY: %q is not a number of proxies from 0 to %d", s, maxTrustProxy)
+		}
+	}
+	if cfg.metricsAddr != "" {
+		switch _, port, err := net.SplitHostPort(cfg.metricsAddr); {
+		case err != nil || checkPort(port) != nil:
+			problem("METRICS_ADDR: %q is not a host:port such as :9090 or 127.0.0.1:9090", cfg.metricsAddr)
+		case port == cfg.port:
+			problem("METRICS_ADDR: %q is on PORT, which the internet reaches; give /metrics a port of its own", cfg.metricsAddr)
+		}
+	}
+
+	cfg.warnings = lookalikes(env)
+	if len(problems) > 0 {
+		for _, w := range cfg.warnings {
+			problems = append(problems, errors.New(w))
+		}
+	}
 	return cfg, errors.Join(problems...)
+}
+
+// lookalikes warns of each variable that looks like a setting but is none,
+// such as SPOTIFY_CLIENT_SECERT, naming the closest setting. It never shows
+// a value.
+func lookalikes(env map[string]string) []string {
+	known := strings.Fields(settings)
+	var warnings []string
+	for name := range env {
+		if slices.Contains(known, name) || !slices.ContainsFunc(strings.Fields(settingPrefixes), func(p string) bool { return strings.HasPrefix(name, p) }) {
+			continue
+		}
+		closest := slices.MinFunc(known, func(a, b string) int { return cmp.Compare(editDistance(name, a), editDistance(name, b)) })
+		warnings = append(warnings, fmt.Sprintf("%s is not a setting of this service: a typo of %s?", name, closest))
+	}
+	slices.Sort(warnings)
+	return warnings
+}
+
+// editDistance is the Levenshtein distance between a and b.
+func editDistance(a, b string) int {
+	row := make([]int, len(b)+1)
+	for j := range row {
+		row[j] = j
+	}
+	for i := range len(a) {
+		diagonal := row[0]
+		row[0] = i + 1
+		for j := range len(b) {
+			substitute := diagonal
+			if a[i] != b[j] {
+				substitute++
+			}
+			diagonal = row[j+1]
+			row[j+1] = min(row[j+1]+1, row[j]+1, substitute)
+		}
+	}
+	return row[len(b)]
+}
+
+// isLoopback reports whether host is this machine.
+func isLoopback(host string) bool {
+	addr, err := netip.ParseAddr(host)
+	return host == "localhost" || err == nil && addr.IsLoopback()
 }
 
 // splitList splits a comma-separated setting, trimming spaces around each

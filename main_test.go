@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -42,9 +43,7 @@ func TestLoadConfig(t *testing.T) {
 		t.Errorf("loadConfig = %+v", cfg)
 	}
 
-	cfg, err = loadConfig(func(name string) string {
-		return map[string]string{"SPOTIFY_CLIENT_ID": "id", "SPOTIFY_CLIENT_SECRET": "secret", "SPOTIFY_CLIENT_CALLBACK_URL": "myapp://cb"}[name]
-	})
+	cfg, err = loadConfig(map[string]string{"SPOTIFY_CLIENT_ID": "id", "SPOTIFY_CLIENT_SECRET": "secret", "SPOTIFY_CLIENT_CALLBACK_URL": "myapp://cb"})
 	if err != nil {
 		t.Fatalf("loadConfig with defaults: %v", err)
 	}
@@ -131,20 +130,34 @@ func TestRunRefusesBadConfig(t *testing.T) {
 	}
 }
 
-func TestLoadDotEnv(t *testing.T) {
+// TestReadEnv checks that .env is read, that the environment wins over it,
+// and that a .env that does not parse is reported without being quoted.
+func TestReadEnv(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	if err := loadDotEnv(filepath.Join(dir, "missing.env")); err != nil {
-		t.Errorf("loadDotEnv(missing file) = %v, want nil", err)
+	env, found, err := readEnv(filepath.Join(dir, "missing.env"), []string{"PORT=9000"})
+	if err != nil || found || env["PORT"] != "9000" {
+		t.Errorf("readEnv(missing file) = %v, found %v, %v; want the environment, not found, no error", env, found, err)
 	}
+
+	good := filepath.Join(dir, "good.env")
+	if err := os.WriteFile(good, []byte("SPOTIFY_CLIENT_ID=from-file\nPORT=8081\n# a comment\nSPOTIFY_TIMEOUT=\"3s\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	env, found, err = readEnv(good, []string{"PORT=9000", "EMPTY=", "A=b=c"})
+	want := map[string]string{"SPOTIFY_CLIENT_ID": "from-file", "PORT": "9000", "SPOTIFY_TIMEOUT": "3s", "EMPTY": "", "A": "b=c"}
+	if err != nil || !found || !maps.Equal(env, want) {
+		t.Errorf("readEnv(.env, environment) = %v, found %v, %v; want %v, the environment winning", env, found, err, want)
+	}
+
 	// godotenv's own error would quote this line, secret and all.
 	bad := filepath.Join(dir, "bad.env")
 	if err := os.WriteFile(bad, []byte("SPOTIFY_CLIENT_SECRET=\"s3cr3t-value\nPORT=8080\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	err := loadDotEnv(bad)
+	_, _, err = readEnv(bad, nil)
 	if !errors.As(err, new(setupError)) || strings.Contains(err.Error(), "s3cr3t") {
-		t.Errorf("loadDotEnv(unterminated quote) = %v, want a setupError that does not quote the file", err)
+		t.Errorf("readEnv(unterminated quote) = %v, want a setupError that does not quote the file", err)
 	}
 }
 
@@ -223,7 +236,7 @@ func TestHealthcheck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: newServer(slog.New(slog.DiscardHandler), cfg, newSpotifyClient(cfg))}
+	srv := &http.Server{Handler: newServer(slog.New(slog.DiscardHandler), cfg, testSpotifyClient(cfg))}
 	go srv.Serve(ln)
 	port := ln.Addr().(*net.TCPAddr).Port
 	env := testEnv("", map[string]string{"PORT": strconv.Itoa(port)})
@@ -284,12 +297,15 @@ func TestShutdownLetsRequestsFinish(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := newHTTPServer(cfg, newServer(slog.New(slog.DiscardHandler), cfg, newSpotifyClient(cfg)), slog.New(slog.DiscardHandler))
+	var log syncBuffer
+	logger := slog.New(slog.NewJSONHandler(&log, nil))
+	svc := newServer(logger, cfg, testSpotifyClient(cfg))
+	srv := newHTTPServer(cfg, svc, logger)
 	shuttingDown := make(chan struct{})
 	srv.RegisterOnShutdown(func() { close(shuttingDown) })
 	ctx, stop := context.WithCancel(t.Context())
 	served := make(chan error, 1)
-	go func() { served <- serve(ctx, srv, ln, 10*time.Second) }()
+	go func() { served <- serve(ctx, srv, ln, svc, cfg, logger) }()
 
 	answered := make(chan reply, 1)
 	go func() {
@@ -308,6 +324,11 @@ func TestShutdownLetsRequestsFinish(t *testing.T) {
 	if err := <-served; err != nil {
 		t.Errorf("serve = %v, want nil after a graceful shutdown", err)
 	}
+	for _, want := range []string{`"msg":"stopping","in_flight":1,`, `"msg":"stopped"`} {
+		if !strings.Contains(log.String(), want) {
+			t.Errorf("the log does not hold %s:\n%s", want, log.String())
+		}
+	}
 }
 
 // TestSlowClientsAreCutOff checks that clients which send their headers byte
@@ -318,7 +339,7 @@ func TestSlowClientsAreCutOff(t *testing.T) {
 	cfg := testConfig(t, "http://127.0.0.1:9", nil)
 	cfg.readHeaderTimeout, cfg.readTimeout = 300*time.Millisecond, 600*time.Millisecond
 	srv := httptest.NewUnstartedServer(nil)
-	srv.Config = newHTTPServer(cfg, newServer(slog.New(slog.DiscardHandler), cfg, newSpotifyClient(cfg)), slog.New(slog.DiscardHandler))
+	srv.Config = newHTTPServer(cfg, newServer(slog.New(slog.DiscardHandler), cfg, testSpotifyClient(cfg)), slog.New(slog.DiscardHandler))
 	srv.Start()
 	defer srv.Close()
 	addr := srv.Listener.Addr().String()
@@ -386,16 +407,26 @@ func TestEnvExample(t *testing.T) {
 	if err != nil {
 		t.Fatalf(".env.example does not parse: %v", err)
 	}
-	read := map[string]bool{}
-	_, err = loadConfig(func(name string) string { read[name] = true; return asIs[name] })
+	_, err = loadConfig(asIs)
 	for _, name := range []string{"SPOTIFY_CLIENT_ID", "SPOTIFY_CLIENT_SECRET", "SPOTIFY_CLIENT_CALLBACK_URL"} {
 		if err == nil || !strings.Contains(err.Error(), name+" is still the placeholder") {
 			t.Errorf("loadConfig(.env.example as is) = %v, want %s refused as a placeholder", err, name)
 		}
 	}
-	for name := range read {
+	for _, name := range strings.Fields(settings) {
 		if !regexp.MustCompile(`(?m)^(# )?` + name + `=`).Match(b) {
 			t.Errorf(".env.example does not list %s", name)
+		}
+	}
+	// Every name the code reads is in settings, which -h and the look-alike
+	// warnings go by.
+	code, err := os.ReadFile("main.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range regexp.MustCompile(`(?:get\(|env\[)"([A-Z_]+)"`).FindAllSubmatch(code, -1) {
+		if !slices.Contains(strings.Fields(settings), string(m[1])) {
+			t.Errorf("main.go reads %s, which settings does not list", m[1])
 		}
 	}
 
@@ -404,7 +435,7 @@ func TestEnvExample(t *testing.T) {
 		t.Fatal(err)
 	}
 	uncommented["SPOTIFY_CLIENT_ID"], uncommented["SPOTIFY_CLIENT_SECRET"], uncommented["SPOTIFY_CLIENT_CALLBACK_URL"] = "id", "secret", "myapp://cb"
-	_, err = loadConfig(func(name string) string { return uncommented[name] })
+	_, err = loadConfig(uncommented)
 	if err == nil || err.Error() != "ENCRYPTION_SECRET is still the placeholder from .env.example" {
 		t.Errorf("loadConfig(.env.example filled in, all uncommented) = %v, want only ENCRYPTION_SECRET refused", err)
 	}
@@ -426,12 +457,13 @@ func TestDockerignore(t *testing.T) {
 	}
 }
 
-// TestLogBuffer checks that log lines wait in the buffer, and that
-// flushEvery writes them out without being asked.
+// TestLogBuffer checks that log lines wait in the buffer, that a full
+// buffer and flushEvery write them out without being asked, and that a failed
+// write does not stop logging.
 func TestLogBuffer(t *testing.T) {
 	t.Parallel()
 	var out syncBuffer
-	logs := &logBuffer{w: bufio.NewWriter(&out)}
+	logs := &logBuffer{out: &out}
 	io.WriteString(logs, "line 1\n")
 	if got := out.String(); got != "" {
 		t.Errorf("before a flush the log holds %q, want nothing yet", got)
@@ -440,13 +472,30 @@ func TestLogBuffer(t *testing.T) {
 	if got := out.String(); got != "line 1\n" {
 		t.Errorf("after a flush the log holds %q, want line 1", got)
 	}
+	long := strings.Repeat("x", logBufferSize/2) + "\n"
+	for range 3 {
+		io.WriteString(logs, long)
+	}
+	if got := len(out.String()); got != len("line 1\n")+2*len(long) {
+		t.Errorf("after three half-buffer lines the output has %d bytes, want line 1 and two of them", got)
+	}
+
+	failing := &failingWriter{fails: 1}
+	logs = &logBuffer{out: failing}
+	io.WriteString(logs, "lost\n")
+	logs.flush() // fails
+	io.WriteString(logs, "line 2\n")
+	logs.flush()
+	if got := failing.String(); got != "line 2\n" {
+		t.Errorf("after a failed write the log holds %q, want line 2: a failed write must not stop logging", got)
+	}
 
 	pipeOut, pipeIn := io.Pipe()
-	logs = &logBuffer{w: bufio.NewWriter(pipeIn)}
+	logs = &logBuffer{out: pipeIn}
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	go logs.flushEvery(ctx, time.Millisecond)
-	io.WriteString(logs, "line 2\n")
+	io.WriteString(logs, "line 3\n")
 	line := make(chan string, 1)
 	go func() {
 		s, _ := bufio.NewReader(pipeOut).ReadString('\n')
@@ -454,10 +503,25 @@ func TestLogBuffer(t *testing.T) {
 	}()
 	select {
 	case got := <-line:
-		if got != "line 2\n" {
-			t.Errorf("flushEvery wrote %q, want line 2", got)
+		if got != "line 3\n" {
+			t.Errorf("flushEvery wrote %q, want line 3", got)
 		}
 	case <-time.After(10 * time.Second): // a bound, should it never flush
 		t.Errorf("flushEvery wrote nothing in 10 s")
 	}
+}
+
+// failingWriter fails its first writes, as a full disk or a closed pipe
+// does, then takes them.
+type failingWriter struct {
+	fails int
+	syncBuffer
+}
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if w.fails > 0 {
+		w.fails--
+		return 0, errors.New("no space left on device")
+	}
+	return w.syncBuffer.Write(p)
 }

@@ -14,17 +14,18 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
+	"sync/atomic"
+	"time"
 )
 
 const (
 	// maxAnswerBytes caps what is read of Spotify's answer; a token answer
 	// is well under a kilobyte.
 	maxAnswerBytes = 1 << 20
-	// maxSpotifyConns caps the connections to Spotify. Over HTTP/1.1 that is
-	// some 2,500 calls a second at 100 ms each; over HTTP/2, which Spotify
-	// speaks, each connection carries many calls at once.
-	maxSpotifyConns = 256
+	// maxBackoff caps how long a Retry-After from Spotify holds calls back.
+	maxBackoff = 60 * time.Second
 )
 
 // The ways a call to Spotify can fail to give a usable answer.
@@ -32,6 +33,9 @@ var (
 	errSpotifyTimeout     = errors.New("spotify did not answer in time")
 	errSpotifyUnreachable = errors.New("spotify could not be reached")
 	errSpotifyBadAnswer   = errors.New("spotify's answer is unusable")
+	// errBackingOff: Spotify answered 429 with a Retry-After that has not
+	// run out, so it was not called; the answer's retryAfter says how long.
+	errBackingOff = errors.New("spotify asked us to back off (Retry-After): not called")
 )
 
 // spotifyClient calls the token endpoint of Spotify's accounts service.
@@ -40,6 +44,13 @@ type spotifyClient struct {
 	tokenURL string
 	// authorization is the Basic credentials header value, built once.
 	authorization string
+
+	// now is time.Now; tests move a fake clock instead.
+	now func() time.Time
+	// backoffUntil is when Spotify's last Retry-After runs out, in Unix
+	// nanoseconds. Spotify's limit counts per app: calls before then would
+	// only prolong it.
+	backoffUntil atomic.Int64
 }
 
 // answer is what Spotify said: its status, its Retry-After header and its body.
@@ -49,25 +60,29 @@ type answer struct {
 	body       []byte
 }
 
-func newSpotifyClient(cfg config) *spotifyClient {
+// newSpotifyClient returns a client for the token endpoint under accountsURL
+// (no trailing slash) that gives up on a call after timeout.
+func newSpotifyClient(accountsURL, clientID, clientSecret string, timeout time.Duration) *spotifyClient {
 	transport := http.DefaultTransport.(*http.Transport).Clone()
 	// Keep every connection alive: with the default of 2 idle connections
-	// per host, most calls would reconnect. But open no more than
-	// maxSpotifyConns: past that, calls wait for a free one rather than each
-	// take another socket and its buffers.
-	transport.MaxConnsPerHost = maxSpotifyConns
-	transport.MaxIdleConns = maxSpotifyConns
-	transport.MaxIdleConnsPerHost = maxSpotifyConns
+	// per host, most calls would reconnect. There is no ceiling on
+	// connections: one would queue calls behind a slow Spotify. Instead each
+	// costs less: a token request and its answer fit in 2 KiB buffers,
+	// where the default is 4 KiB each way.
+	transport.MaxIdleConns = 0 // no limit
+	transport.MaxIdleConnsPerHost = 1 << 16
+	transport.ReadBufferSize, transport.WriteBufferSize = 2<<10, 2<<10
 	return &spotifyClient{
 		http: &http.Client{
 			Transport: transport,
-			Timeout:   cfg.spotifyTimeout,
+			Timeout:   timeout,
 			// The token endpoint does not redirect; following a redirect
 			// would send the credentials somewhere else.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		tokenURL:      cfg.accountsURL + "/api/token",
-		authorization: "Basic " + base64.StdEncoding.EncodeToString([]byte(cfg.clientID+":"+cfg.clientSecret)),
+		tokenURL:      accountsURL + "/api/token",
+		authorization: "Basic " + base64.StdEncoding.EncodeToString([]byte(clientID+":"+clientSecret)),
+		now:           time.Now,
 	}
 }
 
@@ -93,6 +108,9 @@ func (c *spotifyClient) clientCredentials(ctx context.Context) (answer, error) {
 // one JSON object of at most maxAnswerBytes. The answer comes back with the
 // error where there is one, so that the caller can see Spotify's status.
 func (c *spotifyClient) post(ctx context.Context, body string) (answer, error) {
+	if left := time.Duration(c.backoffUntil.Load() - c.now().UnixNano()); left > 0 {
+		return answer{retryAfter: strconv.Itoa(wholeSeconds(left))}, errBackingOff
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.tokenURL, strings.NewReader(body))
 	if err != nil {
 		return answer{}, fmt.Errorf("spotify: %w", err)
@@ -106,6 +124,9 @@ func (c *spotifyClient) post(ctx context.Context, body string) (answer, error) {
 	defer resp.Body.Close()
 
 	ans := answer{status: resp.StatusCode, retryAfter: resp.Header.Get("Retry-After")}
+	if ans.status == http.StatusTooManyRequests {
+		c.backOff(ans.retryAfter)
+	}
 	ans.body, err = io.ReadAll(io.LimitReader(resp.Body, maxAnswerBytes+1))
 	switch {
 	case err != nil:
@@ -116,6 +137,21 @@ func (c *spotifyClient) post(ctx context.Context, body string) (answer, error) {
 		return ans, fmt.Errorf("%w: status %d, not a JSON object (Content-Type %q)", errSpotifyBadAnswer, ans.status, resp.Header.Get("Content-Type"))
 	}
 	return ans, nil
+}
+
+// backOff holds calls back for the seconds of a Retry-After header, at most
+// maxBackoff. A header that is not a positive number of seconds starts none.
+func (c *spotifyClient) backOff(retryAfter string) {
+	s, err := strconv.Atoi(retryAfter)
+	if err != nil || s <= 0 {
+		return
+	}
+	c.backoffUntil.Store(c.now().Add(min(time.Duration(s)*time.Second, maxBackoff)).UnixNano())
+}
+
+// wholeSeconds rounds d up to whole seconds, at least 1, as Retry-After wants.
+func wholeSeconds(d time.Duration) int {
+	return max(1, int((d+time.Second-1)/time.Second))
 }
 
 // callError tells a timeout from other failures to talk to Spotify.
@@ -151,19 +187,15 @@ func isJSONObject(b []byte) bool {
 	return i < len(b) && b[i] == '{' && json.Valid(b)
 }
 
-// describeError returns the reason in an OAuth error answer.
-func describeError(body []byte) string {
+// oauthError returns the error and error_description members of an OAuth
+// error answer (RFC 6749 §5.2), empty where there are none.
+func oauthError(body []byte) (code, description string) {
 	var e struct {
 		Error       string `json:"error"`
 		Description string `json:"error_description"`
 	}
-	if json.Unmarshal(body, &e) != nil || e.Error == "" {
-		return "the answer is not an OAuth error"
-	}
-	if e.Description == "" {
-		return e.Error
-	}
-	return e.Error + ": " + e.Description
+	json.Unmarshal(body, &e)
+	return e.Error, e.Description
 }
 
 // sealPrefix starts every sealed refresh token and names its format, so that

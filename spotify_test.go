@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // newTestSealer returns a sealer for the given secrets or fails the test.
@@ -307,11 +308,12 @@ func TestUpstreamConnectionsAreReused(t *testing.T) {
 	}
 }
 
-// TestUpstreamConnectionsAreCapped sends more calls at once than the service
-// may open connections to Spotify, and checks that the rest wait for one.
-func TestUpstreamConnectionsAreCapped(t *testing.T) {
+// TestNoUpstreamCeiling holds more calls at Spotify at once than the old
+// ceiling of 256 connections allowed, and checks that none waits for another:
+// with Spotify slow, a ceiling halves the throughput.
+func TestNoUpstreamCeiling(t *testing.T) {
 	t.Parallel()
-	const calls = maxSpotifyConns + 40
+	const calls = 300
 	arrived, release := make(chan struct{}, calls), make(chan struct{})
 	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
 		arrived <- struct{}{}
@@ -319,15 +321,14 @@ func TestUpstreamConnectionsAreCapped(t *testing.T) {
 		likeSpotify(w, r, form)
 	}, nil)
 	wait := swapAtOnce(t, svc.url, calls)
-	for range maxSpotifyConns {
-		<-arrived // so many calls are at Spotify at once
-	}
-	close(release)
-	wait()
-	if got := svc.spotify.conns.Load(); got > maxSpotifyConns {
-		t.Errorf("%d calls at once opened %d connections to Spotify, want at most %d", calls, got, maxSpotifyConns)
-	}
-	if got := len(svc.spotify.received()); got != calls {
-		t.Errorf("Spotify received %d calls, want %d", got, calls)
+	defer wait()
+	defer close(release)
+	bound := time.After(30 * time.Second) // should calls queue, they never all arrive
+	for n := range calls {
+		select {
+		case <-arrived:
+		case <-bound:
+			t.Fatalf("only %d of %d calls reached Spotify at once", n, calls)
+		}
 	}
 }
