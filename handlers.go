@@ -572,9 +572,10 @@ func (s *server) clientAddr(r *http.Request) netip.Addr {
 func forwardedFor(headers []string, n int) (addr netip.Addr, ok bool) {
 	entry, found := "", false
 	for i := len(headers) - 1; i >= 0 && n > 0; i-- {
-		for list := headers[i]; n > 0; n-- {
+		list := headers[i]
+		for n > 0 {
 			comma := strings.LastIndexByte(list, ',')
-			entry, found = list[comma+1:], true
+			entry, found, n = list[comma+1:], true, n-1
 			if comma < 0 {
 				break
 			}
@@ -756,15 +757,18 @@ func (h *histogram) observe(d time.Duration) {
 // write prints h in the Prometheus text format; labels are the series'
 // own, such as handler="token", or "".
 func (h *histogram) write(w io.Writer, name, labels string) {
-	comma := strings.TrimSuffix(labels+",", ",,")
+	braces := ""
+	if labels != "" {
+		braces, labels = "{"+labels+"}", labels+","
+	}
 	var count uint64
 	for i, bound := range bucketBounds() {
 		count += h.counts[i].Load()
-		fmt.Fprintf(w, "%s_bucket{%sle=\"%g\"} %d\n", name, comma, bound.Seconds(), count)
+		fmt.Fprintf(w, "%s_bucket{%sle=\"%g\"} %d\n", name, labels, bound.Seconds(), count)
 	}
 	count += h.counts[len(h.counts)-1].Load()
-	fmt.Fprintf(w, "%s_bucket{%sle=\"+Inf\"} %d\n", name, comma, count)
-	fmt.Fprintf(w, "%s_sum{%s} %g\n%s_count{%s} %d\n", name, labels, time.Duration(h.sum.Load()).Seconds(), name, labels, count)
+	fmt.Fprintf(w, "%s_bucket{%sle=\"+Inf\"} %d\n", name, labels, count)
+	fmt.Fprintf(w, "%s_sum%s %g\n%s_count%s %d\n", name, braces, time.Duration(h.sum.Load()).Seconds(), name, braces, count)
 }
 
 // metricsHandler serves GET /metrics in the Prometheus text format 0.0.4,

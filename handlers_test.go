@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -191,21 +193,76 @@ func (b *syncBuffer) String() string {
 // testService is the service under test, in front of a fake Spotify.
 type testService struct {
 	url     string
+	server  *server
 	spotify *fakeSpotify
 	log     *syncBuffer
 	close   func() // stops the service, waiting for requests in flight
 }
 
 // startService starts the service with the test environment and env, in
-// front of a fake Spotify that answers with answer.
-func startService(t testing.TB, answer spotifyFunc, env map[string]string) *testService {
+// front of a fake Spotify that answers with answer. Before it serves, it
+// runs each of setup, which may swap its clocks.
+func startService(t testing.TB, answer spotifyFunc, env map[string]string, setup ...func(*server, *spotifyClient)) *testService {
 	t.Helper()
 	spotify := newFakeSpotify(t, answer)
 	cfg := testConfig(t, spotify.url, env)
 	log := &syncBuffer{}
-	srv := httptest.NewServer(newServer(slog.New(slog.NewJSONHandler(log, nil)), cfg, testSpotifyClient(cfg)))
+	client := testSpotifyClient(cfg)
+	svc := newServer(slog.New(slog.NewJSONHandler(log, nil)), cfg, client)
+	for _, f := range setup {
+		f(svc, client)
+	}
+	srv := httptest.NewServer(svc)
 	t.Cleanup(srv.Close)
-	return &testService{url: srv.URL, spotify: spotify, log: log, close: srv.Close}
+	return &testService{url: srv.URL, server: svc, spotify: spotify, log: log, close: srv.Close}
+}
+
+// fakeClock is a clock that tests move by hand, instead of sleeping.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{t: time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)} }
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// logLine is one line of the service's log, as an operator's tools read it.
+type logLine struct {
+	Level         string `json:"level"`
+	Msg           string `json:"msg"`
+	Method        string `json:"method"`
+	Path          string `json:"path"`
+	Status        int    `json:"status"`
+	SpotifyStatus int    `json:"spotify_status"`
+	Client        string `json:"client"`
+	RequestID     string `json:"request_id"`
+	Error         string `json:"error"`
+	Reason        string `json:"reason"`
+}
+
+// logLines parses a log, one JSON object a line.
+func logLines(t testing.TB, log string) []logLine {
+	t.Helper()
+	var lines []logLine
+	for _, text := range strings.Split(strings.TrimSpace(log), "\n") {
+		var line logLine
+		if err := json.Unmarshal([]byte(text), &line); err != nil {
+			t.Fatalf("log line %q is not JSON: %v", text, err)
+		}
+		lines = append(lines, line)
+	}
+	return lines
 }
 
 // reply is what the service answered.
@@ -1238,4 +1295,490 @@ func BenchmarkRefresh(b *testing.B) {
 		sealed := newTestSealer(b, testSecret).seal(raw)
 		benchmarkSwap(b, refreshPath, "grant_type=refresh_token&refresh_token="+sealed, map[string]string{"ENCRYPTION_SECRET": testSecret})
 	})
+}
+
+// TestForwardedFor checks which entry of X-Forwarded-For is the client's
+// with n proxies in front, each of which appends the address it saw.
+func TestForwardedFor(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		headers []string
+		n       int
+		want    string // "" for none
+	}{
+		{"one proxy", []string{"203.0.113.7"}, 1, "203.0.113.7"},
+		{"one proxy, spoofed entries on the left", []string{"1.1.1.1, 8.8.8.8, 203.0.113.7"}, 1, "203.0.113.7"},
+		{"two proxies", []string{"1.1.1.1, 203.0.113.7, 10.0.0.2"}, 2, "203.0.113.7"},
+		{"fewer entries than proxies: the leftmost", []string{"203.0.113.7, 10.0.0.2"}, 3, "203.0.113.7"},
+		{"several headers are one list", []string{"1.1.1.1", "203.0.113.7, 10.0.0.2"}, 2, "203.0.113.7"},
+		{"several headers, across them", []string{"1.1.1.1, 203.0.113.7", "10.0.0.2"}, 2, "203.0.113.7"},
+		{"several headers, fewer entries", []string{"203.0.113.7", "10.0.0.2"}, 5, "203.0.113.7"},
+		{"spaces around entries", []string{" 1.1.1.1 ,  203.0.113.7 "}, 1, "203.0.113.7"},
+		{"IPv6", []string{"1.1.1.1, 2001:db8::7"}, 1, "2001:db8::7"},
+		{"IPv4-mapped IPv6", []string{"::ffff:203.0.113.7"}, 1, "::ffff:203.0.113.7"},
+		{"not an address", []string{"1.1.1.1, unknown"}, 1, ""},
+		{"an address with a port", []string{"203.0.113.7:4711"}, 1, ""},
+		{"garbage to the left does not matter", []string{"<script>, 203.0.113.7"}, 1, "203.0.113.7"},
+		{"garbage where the client would be", []string{"<script>, 203.0.113.7"}, 2, ""},
+		{"empty header", []string{""}, 1, ""},
+		{"no header", nil, 1, ""},
+	}
+	for _, tt := range tests {
+		addr, ok := forwardedFor(tt.headers, tt.n)
+		got := ""
+		if ok {
+			got = addr.String()
+		}
+		if got != tt.want {
+			t.Errorf("%s: forwardedFor(%q, %d) = %q, want %q", tt.name, tt.headers, tt.n, got, tt.want)
+		}
+	}
+}
+
+// TestClientAddr checks the address a request's rate limit and log line go
+// by, with and without proxies in front.
+func TestClientAddr(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name       string
+		trustProxy int
+		remote     string
+		xff        []string
+		want       string
+	}{
+		{"no proxy: X-Forwarded-For is ignored, anyone can send it", 0, "198.51.100.1:4242", []string{"203.0.113.7"}, "198.51.100.1"},
+		{"no proxy, IPv4-mapped peer", 0, "[::ffff:198.51.100.1]:4242", nil, "198.51.100.1"},
+		{"no proxy, IPv6 peer", 0, "[2001:db8::1]:4242", nil, "2001:db8::1"},
+		{"one proxy", 1, "10.0.0.1:4242", []string{"1.1.1.1, 203.0.113.7"}, "203.0.113.7"},
+		{"one proxy, mapped entry", 1, "10.0.0.1:4242", []string{"::ffff:203.0.113.7"}, "203.0.113.7"},
+		{"one proxy, no header: the peer", 1, "10.0.0.1:4242", nil, "10.0.0.1"},
+		{"one proxy, garbage: the peer", 1, "10.0.0.1:4242", []string{"unknown"}, "10.0.0.1"},
+	}
+	for _, tt := range tests {
+		s := &server{trustProxy: tt.trustProxy, logger: slog.New(slog.DiscardHandler)}
+		r := httptest.NewRequest("POST", tokenPath, nil)
+		r.RemoteAddr = tt.remote
+		for _, h := range tt.xff {
+			r.Header.Add("X-Forwarded-For", h)
+		}
+		if got := s.clientAddr(r).String(); got != tt.want {
+			t.Errorf("%s: clientAddr = %s, want %s", tt.name, got, tt.want)
+		}
+	}
+}
+
+// TestLimiter checks the bucket arithmetic: a burst of N, then one every
+// period/N, each client on its own, an IPv6 /64 as one client.
+func TestLimiter(t *testing.T) {
+	t.Parallel()
+	clock := newFakeClock()
+	l := newLimiter(3, time.Minute) // 3 at once, then one every 20 s
+	l.now = clock.now
+	a, b := netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("203.0.113.8")
+	for i := range 3 {
+		if wait := l.wait(a); wait != 0 {
+			t.Fatalf("request %d of a burst of 3: wait %v, want 0", i+1, wait)
+		}
+	}
+	if wait := l.wait(a); wait != 20*time.Second {
+		t.Errorf("4th request at once: wait %v, want 20s", wait)
+	}
+	if wait := l.wait(b); wait != 0 {
+		t.Errorf("another client's first request: wait %v, want 0", wait)
+	}
+	clock.advance(19*time.Second + 500*time.Millisecond)
+	if wait := l.wait(a); wait != 500*time.Millisecond {
+		t.Errorf("19.5 s later: wait %v, want 500ms", wait)
+	}
+	clock.advance(500 * time.Millisecond)
+	if wait := l.wait(a); wait != 0 {
+		t.Errorf("20 s later: wait %v, want 0 (one request earned back)", wait)
+	}
+	if wait := l.wait(a); wait != 20*time.Second {
+		t.Errorf("right after: wait %v, want 20s", wait)
+	}
+	clock.advance(time.Hour)
+	for i := range 3 {
+		if wait := l.wait(a); wait != 0 {
+			t.Errorf("an hour later, request %d: wait %v, want 0 (the whole burst back, no more)", i+1, wait)
+		}
+	}
+	if wait := l.wait(a); wait == 0 {
+		t.Errorf("an hour later, request 4: allowed, want refused: idle time must not pile up beyond the burst")
+	}
+
+	v6 := newLimiter(1, time.Hour)
+	v6.now = clock.now
+	if v6.wait(netip.MustParseAddr("2001:db8:1:2::1")) != 0 || v6.wait(netip.MustParseAddr("2001:db8:1:2:ffff::9")) == 0 {
+		t.Errorf("two addresses of one /64: want one bucket")
+	}
+	if v6.wait(netip.MustParseAddr("2001:db8:1:3::1")) != 0 {
+		t.Errorf("an address of the next /64: refused, want a bucket of its own")
+	}
+}
+
+// TestLimiterMemoryIsBounded floods the limiter with a million forged
+// addresses: its table stays within maxClients, clients whose bucket is full
+// again are forgotten first, and limiting goes on working.
+func TestLimiterMemoryIsBounded(t *testing.T) {
+	t.Parallel()
+	clock := newFakeClock()
+	l := newLimiter(2, time.Hour)
+	l.now = clock.now
+	addr := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}) }
+	for i := range 1_000_000 {
+		l.wait(addr(i))
+		if i%100_000 == 0 && len(l.tat) > maxClients {
+			t.Fatalf("after %d addresses the table holds %d clients, want at most %d", i+1, len(l.tat), maxClients)
+		}
+	}
+	if n := len(l.tat); n > maxClients || n < maxClients/2 {
+		t.Errorf("after a million addresses the table holds %d clients, want at most %d (and not emptied)", n, maxClients)
+	}
+	last := addr(999_999)
+	if l.wait(last) != 0 || l.wait(last) == 0 {
+		t.Errorf("the flood's last address: want its second request allowed and its third refused")
+	}
+	fresh := netip.MustParseAddr("192.0.2.1")
+	if l.wait(fresh) != 0 || l.wait(fresh) != 0 || l.wait(fresh) == 0 {
+		t.Errorf("a new client after the flood: want 2 requests allowed, then refused")
+	}
+
+	// Once their buckets are full again, the flood's clients make room
+	// before anyone still limited is dropped.
+	clock.advance(2 * time.Hour)
+	limited := netip.MustParseAddr("192.0.2.2")
+	l.wait(limited)
+	l.wait(limited)
+	for i := range maxClients {
+		l.wait(netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)}))
+	}
+	if wait := l.wait(limited); wait == 0 {
+		t.Errorf("a limited client was forgotten while clients with full buckets were kept")
+	}
+}
+
+// TestRateLimit runs RATE_LIMIT through the whole handler stack: every POST
+// to a token endpoint counts, valid or not; nothing else does; a client over
+// the limit gets 429 with Retry-After, and Spotify is not called.
+func TestRateLimit(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "2/min", "CORS_ALLOWED_ORIGINS": "https://app.example.com"})
+	for range 5 {
+		send(t, "GET", svc.url+"/healthz", noneType, "")
+		send(t, "GET", svc.url+"/", noneType, "")
+		send(t, "OPTIONS", svc.url+tokenPath, noneType, "", "Origin", "https://app.example.com", "Access-Control-Request-Method", "POST")
+		send(t, "POST", svc.url+"/swap", formType, "code=a")
+		send(t, "GET", svc.url+tokenPath, noneType, "")
+	}
+	if got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDfirst"); got.status != 200 {
+		t.Fatalf("first POST = %d %s, want 200", got.status, got.body)
+	}
+	checkError(t, "second POST, no refresh_token", send(t, "POST", svc.url+refreshPath, formType, ""), 400, "invalid_request")
+	got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDthird", "Origin", "https://app.example.com")
+	checkError(t, "third POST", got, 429, "temporarily_unavailable")
+	if ra := got.header.Get("Retry-After"); ra != "30" {
+		t.Errorf("third POST: Retry-After = %q, want 30 (one request every 30 s)", ra)
+	}
+	if got.header.Get("Access-Control-Allow-Origin") != "https://app.example.com" {
+		t.Errorf("third POST: no Access-Control-Allow-Origin, so the page cannot read its 429")
+	}
+	checkError(t, "fourth POST, at the other endpoint", send(t, "POST", svc.url+refreshPath, jsonType, `{"refresh_token":"AQB"}`), 429, "temporarily_unavailable")
+	if got := send(t, "GET", svc.url+"/healthz", noneType, ""); got.status != 200 {
+		t.Errorf("GET /healthz over the limit = %d, want 200", got.status)
+	}
+	if forms := svc.spotify.received(); len(forms) != 1 {
+		t.Errorf("Spotify received %d requests, want 1: a refused request must not reach it", len(forms))
+	}
+	if n := svc.server.metrics.rateLimited.Load(); n != 2 {
+		t.Errorf("tokenswap_rate_limited_total = %d, want 2", n)
+	}
+	svc.close()
+	lines := logLines(t, svc.log.String())
+	last := lines[len(lines)-3] // the third POST
+	if last.Status != 429 || last.Error != "temporarily_unavailable" || !strings.Contains(last.Reason, "RATE_LIMIT") || last.Client != "127.0.0.1" {
+		t.Errorf("log line of a refused request = %+v, want 429 temporarily_unavailable, why (RATE_LIMIT), client 127.0.0.1", last)
+	}
+}
+
+// TestRateLimitBehindProxies checks that with TRUST_PROXY the limit goes by
+// the client's address that the proxy appended, not by what the client sent,
+// and that without it, a request through a proxy logs one warning.
+func TestRateLimitBehindProxies(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "1/h", "TRUST_PROXY": "1"})
+	post := func(xff string) int {
+		return send(t, "POST", svc.url+tokenPath, formType, "code=AQDproxy", "X-Forwarded-For", xff).status
+	}
+	if post("203.0.113.7") != 200 || post("203.0.113.8") != 200 {
+		t.Errorf("two clients behind the proxy: want each its own limit")
+	}
+	if got := post("198.51.100.99, 203.0.113.7"); got != 429 {
+		t.Errorf("client 203.0.113.7 again, with a forged entry on the left = %d, want 429", got)
+	}
+	svc.close()
+	if lines := logLines(t, svc.log.String()); lines[2].Client != "203.0.113.7" {
+		t.Errorf("log line client = %q, want 203.0.113.7", lines[2].Client)
+	}
+
+	direct := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "100/min"})
+	for range 3 {
+		send(t, "POST", direct.url+tokenPath, formType, "code=AQDproxy", "X-Forwarded-For", "203.0.113.7")
+	}
+	direct.close()
+	if n := strings.Count(direct.log.String(), "TRUST_PROXY is 0"); n != 1 {
+		t.Errorf("requests with X-Forwarded-For and TRUST_PROXY=0: %d warnings, want 1:\n%s", n, direct.log)
+	}
+	if lines := logLines(t, direct.log.String()); lines[len(lines)-1].Client != "127.0.0.1" {
+		t.Errorf("TRUST_PROXY=0: log line client = %q, want the TCP peer 127.0.0.1", lines[len(lines)-1].Client)
+	}
+}
+
+// TestBackoff checks that after Spotify's 429 with Retry-After, both
+// endpoints answer 429 with the seconds left and do not call Spotify, until
+// the time is up.
+func TestBackoff(t *testing.T) {
+	t.Parallel()
+	clock := newFakeClock()
+	var limited atomic.Bool
+	limited.Store(true)
+	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		if limited.Swap(false) {
+			w.Header().Set("Retry-After", "7")
+			spotifyError(w, 429, "rate_limited", "API rate limit exceeded")
+			return
+		}
+		likeSpotify(w, r, form)
+	}, nil, func(_ *server, c *spotifyClient) { c.now = clock.now })
+
+	got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDone")
+	if got.status != 429 || got.body != `{"error":"rate_limited","error_description":"API rate limit exceeded"}` || got.header.Get("Retry-After") != "7" {
+		t.Errorf("Spotify's 429 = %d %s Retry-After %q, want it relayed as is", got.status, got.body, got.header.Get("Retry-After"))
+	}
+	clock.advance(2500 * time.Millisecond)
+	for _, path := range []string{tokenPath, refreshPath} {
+		got := send(t, "POST", svc.url+path, formType, "code=AQDtwo&refresh_token=AQBtwo")
+		checkError(t, "POST "+path+" during the back-off", got, 429, "temporarily_unavailable")
+		if ra := got.header.Get("Retry-After"); ra != "5" {
+			t.Errorf("POST %s 2.5 s into a 7 s back-off: Retry-After = %q, want 5", path, ra)
+		}
+	}
+	if n := len(svc.spotify.received()); n != 1 {
+		t.Errorf("Spotify received %d requests, want 1: none during the back-off", n)
+	}
+	clock.advance(4500 * time.Millisecond)
+	if got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDthree"); got.status != 200 {
+		t.Errorf("POST after the back-off = %d %s, want 200", got.status, got.body)
+	}
+	svc.close()
+	lines := logLines(t, svc.log.String())
+	if l := lines[1]; l.Status != 429 || l.Error != "temporarily_unavailable" || !strings.Contains(l.Reason, "back off") || l.SpotifyStatus != 0 {
+		t.Errorf("log line during the back-off = %+v, want 429 temporarily_unavailable, why, and no Spotify status", l)
+	}
+}
+
+// TestLogSaysWhy checks that the log line of every answer that is not a
+// success names the OAuth error the client got and why, in words an
+// operator can act on: a client-secret reset and a user's stale code must
+// not look alike.
+func TestLogSaysWhy(t *testing.T) {
+	t.Parallel()
+	spotifyAnswers := func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		switch form.Get("code") {
+		case "AQDreset":
+			spotifyError(w, 400, "invalid_client", "Invalid client secret")
+		case "AQDhtml":
+			w.WriteHeader(500)
+			io.WriteString(w, "<html>oops</html>")
+		default:
+			likeSpotify(w, r, form)
+		}
+	}
+	tests := []struct {
+		name        string
+		method      string
+		path        string
+		contentType string
+		body        string
+		header      []string
+		wantStatus  int
+		wantError   string
+		wantReason  string
+		wantLevel   string
+	}{
+		{"client secret reset", "POST", tokenPath, formType, "code=AQDreset", nil, 400, "invalid_client", "Spotify: Invalid client secret", "INFO"},
+		{"a user's stale code", "POST", tokenPath, formType, "code=used", nil, 400, "invalid_grant", "Spotify: Invalid authorization code", "INFO"},
+		{"Spotify answers HTML", "POST", tokenPath, formType, "code=AQDhtml", nil, 502, "server_error", "not a JSON object", "WARN"},
+		{"no code", "POST", tokenPath, formType, "state=x", nil, 400, "invalid_request", "code is required", "INFO"},
+		{"redirect_uri refused", "POST", tokenPath, formType, "code=x&redirect_uri=evil%3A%2F%2Fcb", nil, 400, "invalid_request", "redirect_uri is not one of the callback URLs", "INFO"},
+		{"field twice", "POST", refreshPath, formType, "refresh_token=a&refresh_token=b", nil, 400, "invalid_request", "refresh_token is sent more than once", "INFO"},
+		{"sealed token that does not open", "POST", refreshPath, formType, "refresh_token=v1.AAAA", nil, 400, "invalid_grant", "not sealed by this service", "INFO"},
+		{"grant type", "POST", tokenPath, formType, "grant_type=password", nil, 400, "unsupported_grant_type", "grant_type must be", "INFO"},
+		{"media type", "POST", tokenPath, "text/plain", "code=x", nil, 415, "invalid_request", "Content-Type must be", "INFO"},
+		{"wrong method", "GET", tokenPath, noneType, "", nil, 405, "invalid_request", "method GET is not allowed", "INFO"},
+		{"unknown path", "GET", "/admin", noneType, "", nil, 404, "not_found", "no such endpoint", "INFO"},
+		{"preflight from an origin not allowed", "OPTIONS", tokenPath, noneType, "", []string{"Origin", "https://evil.example", "Access-Control-Request-Method", "POST"}, 403, "invalid_request", "not in CORS_ALLOWED_ORIGINS", "INFO"},
+	}
+	svc := startService(t, spotifyAnswers, map[string]string{"ENCRYPTION_SECRET": testSecret, "CORS_ALLOWED_ORIGINS": "https://app.example.com"})
+	for _, tt := range tests {
+		got := send(t, tt.method, svc.url+tt.path, tt.contentType, tt.body, tt.header...)
+		if got.status != tt.wantStatus {
+			t.Errorf("%s: %s %s = %d %s, want %d", tt.name, tt.method, tt.path, got.status, got.body, tt.wantStatus)
+		}
+	}
+	svc.close()
+	lines := logLines(t, svc.log.String())
+	if len(lines) != len(tests) {
+		t.Fatalf("the log has %d lines, want %d:\n%s", len(lines), len(tests), svc.log)
+	}
+	for i, tt := range tests {
+		l := lines[i]
+		if l.Status != tt.wantStatus || l.Error != tt.wantError || !strings.Contains(l.Reason, tt.wantReason) || l.Level != tt.wantLevel || l.Client != "127.0.0.1" {
+			t.Errorf("%s: log line %+v, want status %d, error %q, a reason with %q, level %s, client 127.0.0.1",
+				tt.name, l, tt.wantStatus, tt.wantError, tt.wantReason, tt.wantLevel)
+		}
+	}
+}
+
+// TestClientHangsUp checks that a client that leaves before its answer
+// cancels the call to Spotify, and is logged as 499 at INFO with no word of
+// Spotify failing.
+func TestClientHangsUp(t *testing.T) {
+	t.Parallel()
+	arrived, cancelled := make(chan struct{}), make(chan struct{})
+	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		close(arrived)
+		<-r.Context().Done() // the service cancels its call
+		close(cancelled)
+	}, nil)
+	ctx, hangUp := context.WithCancel(t.Context())
+	req, _ := http.NewRequestWithContext(ctx, "POST", svc.url+tokenPath, strings.NewReader("code=AQDleaving"))
+	req.Header.Set("Content-Type", formType)
+	go func() {
+		<-arrived
+		hangUp()
+	}()
+	if _, err := http.DefaultClient.Do(req); err == nil {
+		t.Fatalf("the request succeeded, want it cancelled")
+	}
+	select {
+	case <-cancelled:
+	case <-time.After(10 * time.Second): // a bound, should the call never be cancelled
+		t.Fatalf("the call to Spotify was not cancelled when the client left")
+	}
+	svc.close() // waits for the handler, and so for the log line
+	lines := logLines(t, svc.log.String())
+	if l := lines[0]; len(lines) != 1 || l.Status != 499 || l.Level != "INFO" || !strings.Contains(l.Reason, "client hung up") ||
+		strings.Contains(svc.log.String(), "could not be reached") || l.Error != "" {
+		t.Errorf("log = %s, want one INFO line with status 499, why, and no word of Spotify failing", svc.log)
+	}
+	if n := svc.server.metrics.spotifyFailed[2].Load(); n != 1 {
+		t.Errorf(`tokenswap_spotify_requests_total{code="canceled"} = %d, want 1`, n)
+	}
+}
+
+// TestRequestIDInTheLog checks that X-Request-Id reaches the log cut to 128
+// characters, printable ones only.
+func TestRequestIDInTheLog(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, nil)
+	long := strings.Repeat("0123456789abcdef", 400) // 6.4 KB
+	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Request-Id", long)
+	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Request-Id", "req-1\t\xc3\xa9-end")
+	svc.close()
+	lines := logLines(t, svc.log.String())
+	if got := lines[0].RequestID; got != long[:128] {
+		t.Errorf("a 6.4 KB X-Request-Id is logged as %d characters, want the first 128", len(got))
+	}
+	if got := lines[1].RequestID; got != "req-1-end" {
+		t.Errorf("X-Request-Id with a tab and bytes past ASCII is logged as %q, want req-1-end", got)
+	}
+}
+
+// TestHints checks that the usual mistakes get an answer that says what to
+// do, and that none reaches Spotify.
+func TestHints(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, nil)
+	tests := []struct {
+		name, path, contentType, body, want string
+	}{
+		{"curl -d with JSON", tokenPath, formType, `{"code":"AQDx"}`, "send it with Content-Type: application/json"},
+		{"JSON without a Content-Type", refreshPath, noneType, "  \n{\"refresh_token\":\"AQB\"}", "send it with Content-Type: application/json"},
+		{"code in the query", tokenPath + "?code=AQDx", formType, "", "parameters in the URL query are not read"},
+		{"refresh_token in the query", refreshPath + "?refresh_token=AQB", formType, "", "parameters in the URL query are not read"},
+		{"refresh_token at the token endpoint", tokenPath, formType, "refresh_token=AQB", "send grant_type=refresh_token"},
+	}
+	for _, tt := range tests {
+		got := send(t, "POST", svc.url+tt.path, tt.contentType, tt.body)
+		checkError(t, tt.name, got, 400, "invalid_request")
+		if !strings.Contains(got.body, tt.want) {
+			t.Errorf("%s: %s, want a description that says %q", tt.name, got.body, tt.want)
+		}
+	}
+	if n := len(svc.spotify.received()); n != 0 {
+		t.Errorf("Spotify received %d requests, want none", n)
+	}
+}
+
+// TestMetrics checks that the counters move as requests are answered, and
+// that the exposition names no path a client chose.
+func TestMetrics(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		if form.Get("code") == "AQDslow" {
+			<-r.Context().Done()
+			return
+		}
+		likeSpotify(w, r, form)
+	}, map[string]string{"RATE_LIMIT": "4/min", "SPOTIFY_TIMEOUT": "100ms"})
+	send(t, "POST", svc.url+tokenPath, formType, "code=AQDa")
+	send(t, "POST", svc.url+tokenPath, formType, "code=used")
+	send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQB")
+	send(t, "POST", svc.url+tokenPath, formType, "code=AQDslow")
+	send(t, "POST", svc.url+tokenPath, formType, "code=AQDlimited")
+	send(t, "GET", svc.url+"/healthz", noneType, "")
+	send(t, "GET", svc.url+"/secret-admin-path", noneType, "")
+	send(t, "GET", svc.url+"/.env?x=1", noneType, "")
+
+	scrape := httptest.NewRecorder()
+	svc.server.metricsHandler("v9.9.9-test").ServeHTTP(scrape, httptest.NewRequest("GET", "/metrics", nil))
+	body := scrape.Body.String()
+	if ct := scrape.Header().Get("Content-Type"); ct != "text/plain; version=0.0.4; charset=utf-8" {
+		t.Errorf("Content-Type = %q, want the Prometheus text format 0.0.4", ct)
+	}
+	for _, want := range []string{
+		`tokenswap_requests_total{handler="token",code="200"} 1` + "\n",
+		`tokenswap_requests_total{handler="token",code="400"} 1` + "\n",
+		`tokenswap_requests_total{handler="token",code="504"} 1` + "\n",
+		`tokenswap_requests_total{handler="token",code="429"} 1` + "\n",
+		`tokenswap_requests_total{handler="refresh_token",code="200"} 1` + "\n",
+		`tokenswap_requests_total{handler="healthz",code="200"} 1` + "\n",
+		`tokenswap_requests_total{handler="other",code="404"} 2` + "\n",
+		`tokenswap_request_duration_seconds_count{handler="token"} 4` + "\n",
+		`tokenswap_request_duration_seconds_bucket{handler="token",le="+Inf"} 4` + "\n",
+		`tokenswap_spotify_requests_total{code="200"} 2` + "\n",
+		`tokenswap_spotify_requests_total{code="400"} 1` + "\n",
+		`tokenswap_spotify_requests_total{code="timeout"} 1` + "\n",
+		`tokenswap_spotify_request_duration_seconds_count 4` + "\n",
+		`tokenswap_spotify_request_duration_seconds_bucket{le="0.1"} 3` + "\n",
+		`tokenswap_rate_limited_total 1` + "\n",
+		`tokenswap_build_info{version="v9.9.9-test"} 1` + "\n",
+		"# TYPE go_goroutines gauge\ngo_goroutines ",
+		"# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds ",
+		"# TYPE tokenswap_request_duration_seconds histogram\n",
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics does not hold %q:\n%s", want, body)
+		}
+	}
+	for _, chosen := range []string{"secret-admin-path", ".env", "AQD"} {
+		if strings.Contains(body, chosen) {
+			t.Errorf("/metrics holds %q, which a client chose", chosen)
+		}
+	}
+	if got := send(t, "GET", svc.url+"/metrics", noneType, ""); got.status != 404 {
+		t.Errorf("GET /metrics on the service's port = %d, want 404: metrics are for the operator's port only", got.status)
+	}
 }
