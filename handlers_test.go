@@ -814,12 +814,16 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 	send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQBrawtoken")
 	send(t, "POST", svc.url+tokenPath, formType, "code=AQDtwice&code=AQDtwice")
 	send(t, "GET", svc.url+tokenPath+"?code=AQDinquery", noneType, "")
+	// Clients that send credentials of their own: none may be logged.
+	send(t, "POST", svc.url+tokenPath, formType, "code=AQDbasic", "Authorization", "Basic Y2xpZW50OmNsaWVudC1zZWNyZXQtMTIz")
+	send(t, "POST", svc.url+refreshPath+"?access_token=BQDinquery", formType, "refresh_token=x", "Authorization", "Bearer BQDbearer-token")
 	svc.close()
 
 	log := svc.log.String()
 	secrets := []string{
 		"AQDsecretcode", "rt-AQDsecretcode", "at-AQDsecretcode", tokens.RefreshToken, "at-from-rt-AQDsecretcode",
-		"AQBrawtoken", "AQDtwice", "AQDinquery", "AQDjsoncode",
+		"AQBrawtoken", "AQDtwice", "AQDinquery", "AQDjsoncode", "AQDbasic", "Y2xpZW50OmNsaWVudC1zZWNyZXQtMTIz",
+		"BQDbearer-token", "BQDinquery",
 		testClientSecret, testAuthorization, strings.TrimPrefix(testAuthorization, "Basic "), testSecret,
 	}
 	for _, s := range secrets {
@@ -828,8 +832,8 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 		}
 	}
 	lines := strings.Split(strings.TrimSpace(log), "\n")
-	if len(lines) != 6 {
-		t.Errorf("the log has %d lines, want one per request (6):\n%s", len(lines), log)
+	if len(lines) != 8 {
+		t.Errorf("the log has %d lines, want one per request (8):\n%s", len(lines), log)
 	}
 	var first struct {
 		Method        string `json:"method"`
@@ -843,6 +847,56 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 	}
 	if first.Method != "POST" || first.Path != tokenPath || first.Status != 200 || first.SpotifyStatus != 200 || first.RequestID != "req-swap-1" {
 		t.Errorf("first log line = %+v, want POST /api/token 200, Spotify 200, request ID req-swap-1", first)
+	}
+}
+
+// TestFailuresLogNoSecrets checks that when the call to Spotify fails, the
+// log says why without the code, the refresh token or the credentials.
+func TestFailuresLogNoSecrets(t *testing.T) {
+	t.Parallel()
+	down := httptest.NewServer(http.NotFoundHandler())
+	down.Close()
+	faults := map[string]spotifyFunc{
+		"reset": func(w http.ResponseWriter, r *http.Request, form url.Values) {
+			conn, _, _ := http.NewResponseController(w).Hijack()
+			conn.(*net.TCPConn).SetLinger(0)
+			conn.Close()
+		},
+		"timeout": func(w http.ResponseWriter, r *http.Request, form url.Values) { <-r.Context().Done() },
+		"HTML": func(w http.ResponseWriter, r *http.Request, form url.Values) {
+			w.WriteHeader(500)
+			io.WriteString(w, "<html>"+form.Encode()+"</html>") // Spotify echoing what it got
+		},
+		"truncated": func(w http.ResponseWriter, r *http.Request, form url.Values) {
+			w.Header().Set("Content-Length", "100")
+			io.WriteString(w, `{"access_token":"`)
+		},
+		"unreachable": likeSpotify,
+	}
+	for name, fault := range faults {
+		env := map[string]string{"SPOTIFY_TIMEOUT": "100ms", "ENCRYPTION_SECRET": testSecret}
+		if name == "unreachable" {
+			env["SPOTIFY_ACCOUNTS_URL"] = down.URL
+		}
+		svc := startService(t, fault, env)
+		sealed := newTestSealer(t, testSecret).seal("AQBraw-" + name)
+		send(t, "POST", svc.url+tokenPath, formType, "code=AQDcode-"+name+"&code_verifier=verifier-"+name)
+		got := send(t, "POST", svc.url+refreshPath, formType, "refresh_token="+sealed)
+		if got.status < 500 {
+			t.Errorf("%s: refresh = %d, want a 5xx", name, got.status)
+		}
+		svc.close()
+		log := svc.log.String()
+		for _, secret := range []string{"AQDcode-" + name, "verifier-" + name, "AQBraw-" + name, sealed, testClientSecret, strings.TrimPrefix(testAuthorization, "Basic "), testSecret} {
+			if strings.Contains(log, secret) {
+				t.Errorf("%s: the log holds %q:\n%s", name, secret, log)
+			}
+		}
+		for _, l := range logLines(t, log) {
+			if l.Reason == "" || l.Level != "WARN" {
+				t.Errorf("%s: log line %+v, want a WARN that says why", name, l)
+			}
+		}
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -330,5 +331,59 @@ func TestNoUpstreamCeiling(t *testing.T) {
 		case <-bound:
 			t.Fatalf("only %d of %d calls reached Spotify at once", n, calls)
 		}
+	}
+}
+
+// TestBackoffWindow checks when a 429 from Spotify holds calls back: for its
+// Retry-After in seconds, at most a minute, and not at all without a usable
+// one.
+func TestBackoffWindow(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		retryAfter string
+		want       time.Duration // how long calls are held back
+	}{
+		{"7", 7 * time.Second},
+		{"1", time.Second},
+		{"60", time.Minute},
+		{"3600", time.Minute}, // capped: a minute at most
+		{"0", 0},
+		{"-5", 0},
+		{"", 0},
+		{"soon", 0},
+		{"Wed, 21 Oct 2026 07:28:00 GMT", 0}, // an HTTP date: no usable seconds
+		{"1.5", 0},
+	}
+	for _, tt := range tests {
+		var calls atomic.Int32
+		spotify := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if calls.Add(1) == 1 {
+				w.Header().Set("Retry-After", tt.retryAfter)
+				spotifyError(w, 429, "rate_limited", "API rate limit exceeded")
+				return
+			}
+			io.WriteString(w, `{"access_token":"at"}`)
+		}))
+		clock := newFakeClock()
+		c := newSpotifyClient(spotify.URL, testClientID, testClientSecret, time.Second)
+		c.now = clock.now
+		if ans, err := c.refresh(t.Context(), "AQB"); err != nil || ans.status != 429 {
+			t.Errorf("Retry-After %q: first call = %d, %v; want Spotify's 429", tt.retryAfter, ans.status, err)
+		}
+		if tt.want > 0 {
+			clock.advance(tt.want - time.Millisecond)
+			ans, err := c.refresh(t.Context(), "AQB")
+			if !errors.Is(err, errBackingOff) || ans.retryAfter != "1" {
+				t.Errorf("Retry-After %q: a call 1 ms before the end = %v, Retry-After %q; want errBackingOff, 1", tt.retryAfter, err, ans.retryAfter)
+			}
+			clock.advance(time.Millisecond)
+		}
+		if ans, err := c.refresh(t.Context(), "AQB"); err != nil || ans.status != 200 {
+			t.Errorf("Retry-After %q: a call after %v = %d, %v; want Spotify called again", tt.retryAfter, tt.want, ans.status, err)
+		}
+		if n := calls.Load(); n != 2 {
+			t.Errorf("Retry-After %q: Spotify got %d calls, want 2", tt.retryAfter, n)
+		}
+		spotify.Close()
 	}
 }
