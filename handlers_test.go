@@ -270,6 +270,7 @@ type reply struct {
 	status int
 	header http.Header
 	body   string
+	close  bool // the answer closes its connection (Connection: close)
 }
 
 // send makes a request to the service; a contentType of "" sends none. A
@@ -297,7 +298,7 @@ func send(t testing.TB, method, url, contentType, body string, header ...string)
 	if err != nil {
 		t.Errorf("%s %s: reading the body: %v", method, url, err)
 	}
-	return reply{resp.StatusCode, resp.Header, string(b)}
+	return reply{resp.StatusCode, resp.Header, string(b), resp.Close}
 }
 
 // checkJSON fails the test unless an answer has the headers every answer must
@@ -552,7 +553,7 @@ func TestChunkedBodyOverLimit(t *testing.T) {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	checkError(t, "chunked POST", reply{resp.StatusCode, resp.Header, string(b)}, 413, "invalid_request")
+	checkError(t, "chunked POST", reply{resp.StatusCode, resp.Header, string(b), resp.Close}, 413, "invalid_request")
 }
 
 // TestDeclaredBodyOverLimit checks that a Content-Length over the limit is
@@ -573,7 +574,7 @@ func TestDeclaredBodyOverLimit(t *testing.T) {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	checkError(t, "POST with Content-Length 100000000", reply{resp.StatusCode, resp.Header, string(b)}, 413, "invalid_request")
+	checkError(t, "POST with Content-Length 100000000", reply{resp.StatusCode, resp.Header, string(b), resp.Close}, 413, "invalid_request")
 }
 
 func TestHealthAndIndex(t *testing.T) {

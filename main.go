@@ -122,7 +122,8 @@ func run(ctx context.Context, args []string, env map[string]string, stdout, stde
 		err = fmt.Errorf("unexpected argument %q", flags.Arg(0))
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, usage, strings.Join(strings.Fields(settings)[3:], " "))
+		names := strings.Fields(settings)
+		fmt.Fprintf(stderr, usage, strings.Join(names[3:8], " ")+"\n            "+strings.Join(names[8:], " "))
 		flags.SetOutput(stderr)
 		flags.PrintDefaults()
 		if errors.Is(err, flag.ErrHelp) {
@@ -529,7 +530,7 @@ func loadConfig(env map[string]string) (config, error) {
 		switch _, port, err := net.SplitHostPort(cfg.metricsAddr); {
 		case err != nil || checkPort(port) != nil:
 			problem("METRICS_ADDR: %q is not a host:port such as :9090 or 127.0.0.1:9090", cfg.metricsAddr)
-		case port == cfg.port:
+		case port == cfg.port && port != "0":
 			problem("METRICS_ADDR: %q is on PORT, which the internet reaches; give /metrics a port of its own", cfg.metricsAddr)
 		}
 	}

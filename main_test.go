@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"maps"
@@ -13,11 +14,14 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,20 +31,32 @@ import (
 func TestLoadConfig(t *testing.T) {
 	t.Parallel()
 	cfg, err := loadConfig(testEnv("http://127.0.0.1:9/", map[string]string{
-		"PORT":                 "9090",
-		"SPOTIFY_TIMEOUT":      "3s",
-		"ENCRYPTION_SECRET":    testSecret + ", " + testSecret + "-old",
-		"CORS_ALLOWED_ORIGINS": "https://app.example.com, http://localhost:5173",
+		"PORT":                        "9090",
+		"SPOTIFY_TIMEOUT":             "30s",
+		"SPOTIFY_CLIENT_CALLBACK_URL": "com.example.app:/oauth, http://127.0.0.1:8888/callback",
+		"ENCRYPTION_SECRET":           strings.Repeat("s", 32) + ", " + testSecret + "-old",
+		"CORS_ALLOWED_ORIGINS":        "https://app.example.com, http://127.0.0.1:5173, http://[::1]:8000",
+		"RATE_LIMIT":                  "5/min",
+		"TRUST_PROXY":                 "2",
+		"SHUTDOWN_DELAY":              "15s",
+		"METRICS_ADDR":                "127.0.0.1:9091",
 	}))
 	if err != nil {
 		t.Fatalf("loadConfig: %v", err)
 	}
 	if cfg.clientID != testClientID || cfg.clientSecret != testClientSecret || cfg.port != "9090" ||
-		cfg.accountsURL != "http://127.0.0.1:9" || cfg.spotifyTimeout != 3*time.Second ||
-		strings.Join(cfg.callbackURLs, " ") != testCallback+" "+testWebCallback ||
-		strings.Join(cfg.corsOrigins, " ") != "https://app.example.com http://localhost:5173" ||
-		cfg.sealer == nil || len(cfg.sealer.aeads) != 2 {
+		cfg.accountsURL != "http://127.0.0.1:9" || cfg.spotifyTimeout != 30*time.Second ||
+		strings.Join(cfg.callbackURLs, " ") != "com.example.app:/oauth http://127.0.0.1:8888/callback" ||
+		strings.Join(cfg.corsOrigins, " ") != "https://app.example.com http://127.0.0.1:5173 http://[::1]:8000" ||
+		cfg.sealer == nil || len(cfg.sealer.aeads) != 2 ||
+		cfg.rateLimit != 5 || cfg.ratePer != time.Minute || cfg.trustProxy != 2 || cfg.shutdownDelay != 15*time.Second ||
+		cfg.metricsAddr != "127.0.0.1:9091" || len(cfg.warnings) != 0 {
 		t.Errorf("loadConfig = %+v", cfg)
+	}
+	// A call in flight at SIGTERM may already have spent a single-use
+	// code: the drain waits for one whole call.
+	if cfg.shutdownTimeout != 31*time.Second {
+		t.Errorf("shutdown grace with SPOTIFY_TIMEOUT=30s = %v, want 31s", cfg.shutdownTimeout)
 	}
 
 	cfg, err = loadConfig(map[string]string{"SPOTIFY_CLIENT_ID": "id", "SPOTIFY_CLIENT_SECRET": "secret", "SPOTIFY_CLIENT_CALLBACK_URL": "myapp://cb"})
@@ -48,9 +64,72 @@ func TestLoadConfig(t *testing.T) {
 		t.Fatalf("loadConfig with defaults: %v", err)
 	}
 	if cfg.port != "8080" || cfg.accountsURL != "https://accounts.spotify.com" || cfg.spotifyTimeout != 10*time.Second ||
-		cfg.sealer != nil || cfg.corsOrigins != nil ||
-		cfg.readHeaderTimeout != 5*time.Second || cfg.readTimeout != 10*time.Second || cfg.idleTimeout != 60*time.Second {
+		cfg.sealer != nil || cfg.corsOrigins != nil || cfg.rateLimit != 0 || cfg.trustProxy != 0 || cfg.shutdownDelay != 0 || cfg.metricsAddr != "" ||
+		cfg.readHeaderTimeout != 5*time.Second || cfg.readTimeout != 10*time.Second || cfg.idleTimeout != 60*time.Second ||
+		cfg.shutdownTimeout != 11*time.Second {
 		t.Errorf("loadConfig defaults = %+v", cfg)
+	}
+	for spotifyTimeout, want := range map[string]time.Duration{"2s": 10 * time.Second, "9s": 10 * time.Second, "12s": 13 * time.Second} {
+		cfg, _ = loadConfig(testEnv("", map[string]string{"SPOTIFY_TIMEOUT": spotifyTimeout}))
+		if cfg.shutdownTimeout != want {
+			t.Errorf("shutdown grace with SPOTIFY_TIMEOUT=%s = %v, want %v", spotifyTimeout, cfg.shutdownTimeout, want)
+		}
+	}
+	cfg, _ = loadConfig(testEnv("", map[string]string{"RATE_LIMIT": "off", "SPOTIFY_ACCOUNTS_URL": "http://localhost:8089"}))
+	if cfg.rateLimit != 0 || cfg.accountsURL != "http://localhost:8089" {
+		t.Errorf("RATE_LIMIT=off, accounts on localhost: loadConfig = %+v", cfg)
+	}
+	for setting, want := range map[string][2]any{"10/s": {10, time.Second}, "600/h": {600, time.Hour}, " 3/min ": {3, time.Minute}} {
+		cfg, _ = loadConfig(testEnv("", map[string]string{"RATE_LIMIT": setting}))
+		if cfg.rateLimit != want[0] || cfg.ratePer != want[1] {
+			t.Errorf("RATE_LIMIT=%s: %d per %v, want %v per %v", setting, cfg.rateLimit, cfg.ratePer, want[0], want[1])
+		}
+	}
+}
+
+// TestLookalikeSettings checks that a variable that looks like a setting
+// but is none gets a warning naming it and the closest setting, never its
+// value, and that where it leaves a setting missing, the error says so.
+func TestLookalikeSettings(t *testing.T) {
+	t.Parallel()
+	env := testEnv("https://accounts.spotify.com", map[string]string{
+		"SPOTIFY_CLIENT_SECERT": "typo-value-0123456789",
+		"CORS_ALLOWED_ORIGIN":   "https://app.example.com",
+		"ENCRYPTION_KEY":        "key-value-0123456789-0123456789-01",
+		"RATE_LIMITS":           "10/min",
+		"TRUST_PROXIES":         "1",
+		"METRICS_PORT":          "9090",
+		"SHUTDOWN_DELAY_S":      "5",
+		"HOME":                  "/root", // not ours: no warning
+		"SPOTIFY_TIMEOUT":       "5s",    // a setting: no warning
+	})
+	cfg, err := loadConfig(env)
+	if err != nil {
+		t.Fatalf("loadConfig: %v", err)
+	}
+	want := []string{
+		"CORS_ALLOWED_ORIGIN is not a setting of this service: a typo of CORS_ALLOWED_ORIGINS?",
+		"ENCRYPTION_KEY is not a setting of this service: a typo of ENCRYPTION_SECRET?",
+		"METRICS_PORT is not a setting of this service: a typo of METRICS_ADDR?",
+		"RATE_LIMITS is not a setting of this service: a typo of RATE_LIMIT?",
+		"SHUTDOWN_DELAY_S is not a setting of this service: a typo of SHUTDOWN_DELAY?",
+		"SPOTIFY_CLIENT_SECERT is not a setting of this service: a typo of SPOTIFY_CLIENT_SECRET?",
+		"TRUST_PROXIES is not a setting of this service: a typo of TRUST_PROXY?",
+	}
+	if !slices.Equal(cfg.warnings, want) {
+		t.Errorf("warnings:\n%s\nwant:\n%s", strings.Join(cfg.warnings, "\n"), strings.Join(want, "\n"))
+	}
+
+	delete(env, "SPOTIFY_CLIENT_SECRET")
+	_, err = loadConfig(env)
+	if err == nil || !strings.Contains(err.Error(), "SPOTIFY_CLIENT_SECRET is not set") ||
+		!strings.Contains(err.Error(), "SPOTIFY_CLIENT_SECERT is not a setting of this service: a typo of SPOTIFY_CLIENT_SECRET?") {
+		t.Errorf("loadConfig with the secret under a misspelt name = %v, want both the missing setting and the typo named", err)
+	}
+	for _, value := range []string{"typo-value", "key-value"} {
+		if strings.Contains(err.Error()+strings.Join(cfg.warnings, ""), value) {
+			t.Errorf("a warning shows the value %q", value)
+		}
 	}
 }
 
@@ -90,6 +169,28 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"origin without scheme", map[string]string{"CORS_ALLOWED_ORIGINS": "app.example.com"}, []string{`CORS_ALLOWED_ORIGINS: "app.example.com"`}},
 		{"origin in capitals", map[string]string{"CORS_ALLOWED_ORIGINS": "https://App.example.com"}, []string{`CORS_ALLOWED_ORIGINS: "https://App.example.com"`}},
 		{"star among origins", map[string]string{"CORS_ALLOWED_ORIGINS": "*, https://app.example.com"}, []string{"* allows every origin and must stand alone"}},
+		{"origin with the default https port", map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com:443"}, []string{"names the default port, which browsers leave out of Origin: write https://app.example.com"}},
+		{"origin with the default http port", map[string]string{"CORS_ALLOWED_ORIGINS": "http://app.example.com:80"}, []string{"write http://app.example.com"}},
+		{"origin not in ASCII", map[string]string{"CORS_ALLOWED_ORIGINS": "https://bücher.example"}, []string{"punycode"}},
+		{"callback without //", map[string]string{"SPOTIFY_CLIENT_CALLBACK_URL": "localhost:3000/cb"}, []string{`"localhost:3000/cb" has no // after "localhost:"`}},
+		{"callback placeholder among others", map[string]string{"SPOTIFY_CLIENT_CALLBACK_URL": "myapp://cb," + placeholderCallbackURL}, []string{"SPOTIFY_CLIENT_CALLBACK_URL is still the placeholder"}},
+		{"accounts URL with a password", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://user:hunter2-password@accounts.spotify.com"}, []string{"SPOTIFY_ACCOUNTS_URL must not hold a user or password"}},
+		{"accounts URL in clear over the network", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://accounts.spotify.com"}, []string{"plain http to another machine"}},
+		{"accounts URL in clear to a LAN host", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://192.168.1.10:8080"}, []string{"plain http to another machine"}},
+		{"accounts URL is the token endpoint", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://accounts.spotify.com/api/token"}, []string{"is the token endpoint; give the base URL"}},
+		{"rate limit without a period", map[string]string{"RATE_LIMIT": "10"}, []string{`RATE_LIMIT: "10"`}},
+		{"rate limit per day", map[string]string{"RATE_LIMIT": "10/day"}, []string{`RATE_LIMIT: "10/day"`}},
+		{"rate limit of zero", map[string]string{"RATE_LIMIT": "0/min"}, []string{`RATE_LIMIT: "0/min"`}},
+		{"rate limit negative", map[string]string{"RATE_LIMIT": "-5/s"}, []string{`RATE_LIMIT: "-5/s"`}},
+		{"rate limit in words", map[string]string{"RATE_LIMIT": "ten/min"}, []string{`RATE_LIMIT: "ten/min"`}},
+		{"trust proxy not a number", map[string]string{"TRUST_PROXY": "yes"}, []string{`TRUST_PROXY: "yes"`}},
+		{"trust proxy negative", map[string]string{"TRUST_PROXY": "-1"}, []string{`TRUST_PROXY: "-1"`}},
+		{"trust proxy a port, by mistake", map[string]string{"TRUST_PROXY": "8080"}, []string{`TRUST_PROXY: "8080"`}},
+		{"shutdown delay without unit", map[string]string{"SHUTDOWN_DELAY": "15"}, []string{`SHUTDOWN_DELAY: "15"`}},
+		{"shutdown delay negative", map[string]string{"SHUTDOWN_DELAY": "-1s"}, []string{`SHUTDOWN_DELAY: "-1s"`}},
+		{"metrics address without a port", map[string]string{"METRICS_ADDR": "9090"}, []string{`METRICS_ADDR: "9090"`}},
+		{"metrics address with a bad port", map[string]string{"METRICS_ADDR": "127.0.0.1:99999"}, []string{`METRICS_ADDR: "127.0.0.1:99999"`}},
+		{"metrics on the service's port", map[string]string{"METRICS_ADDR": ":8080"}, []string{`METRICS_ADDR: ":8080" is on PORT`}},
 		{"everything wrong at once",
 			map[string]string{"SPOTIFY_CLIENT_ID": placeholderClientID, "SPOTIFY_CLIENT_SECRET": "", "PORT": "x", "SPOTIFY_TIMEOUT": "soon", "ENCRYPTION_SECRET": "short"},
 			[]string{"SPOTIFY_CLIENT_ID", "SPOTIFY_CLIENT_SECRET", "PORT", "SPOTIFY_TIMEOUT", "ENCRYPTION_SECRET"}},
@@ -109,7 +210,7 @@ func TestLoadConfigProblems(t *testing.T) {
 			if lines := strings.Count(err.Error(), "\n") + 1; lines != len(tt.want) {
 				t.Errorf("loadConfig error has %d problems, want %d:\n%v", lines, len(tt.want), err)
 			}
-			secrets := append(splitList(tt.env["ENCRYPTION_SECRET"]), tt.env["SPOTIFY_CLIENT_SECRET"], testClientSecret)
+			secrets := append(splitList(tt.env["ENCRYPTION_SECRET"]), tt.env["SPOTIFY_CLIENT_SECRET"], testClientSecret, "hunter2-password")
 			for _, secret := range secrets {
 				if secret != "" && strings.Contains(err.Error(), secret) {
 					t.Errorf("loadConfig error %q shows the secret %q", err, secret)
@@ -249,36 +350,144 @@ func TestHealthcheck(t *testing.T) {
 	}
 }
 
-// TestRunServesUntilCancelled runs the whole program: it listens on a free
-// port, serves a swap, and returns nil once its context is done.
+// TestRunServesUntilCancelled runs the whole program: it warns of a setting
+// misspelt, listens on a free port and serves a swap, serves /metrics on its
+// own port only, and once its context is done fails /healthz while it keeps
+// serving for SHUTDOWN_DELAY, its log lines still flowing, then stops.
 func TestRunServesUntilCancelled(t *testing.T) {
 	t.Parallel()
 	spotify := newFakeSpotify(t, likeSpotify)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
+	const delay = time.Second
+	env := testEnv(spotify.url, map[string]string{"PORT": "0", "METRICS_ADDR": "127.0.0.1:0", "SHUTDOWN_DELAY": delay.String(), "RATE_LIMITS": "5/min"})
 	logs, logWriter := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, nil, testEnv(spotify.url, map[string]string{"PORT": "0"}), io.Discard, logWriter)
+		done <- run(ctx, nil, env, io.Discard, logWriter)
 		logWriter.Close()
 	}()
-	lines := bufio.NewScanner(logs)
-	if !lines.Scan() {
-		t.Fatalf("run logged nothing; it returned %v", <-done)
+	lines := make(chan string, 100)
+	go func() {
+		for scanner := bufio.NewScanner(logs); scanner.Scan(); {
+			lines <- scanner.Text()
+		}
+		close(lines)
+	}()
+	// next skips to the line with the message msg, and returns its level and
+	// address, where it has one.
+	next := func(msg string) (level, url string) {
+		t.Helper()
+		for text := range lines {
+			var line struct{ Level, Msg, Addr string }
+			json.Unmarshal([]byte(text), &line)
+			if line.Msg == msg {
+				_, port, _ := net.SplitHostPort(line.Addr)
+				return line.Level, "http://127.0.0.1:" + port
+			}
+		}
+		t.Fatalf("the log ended before %q; run returned %v", msg, <-done)
+		return "", ""
 	}
-	var started struct{ Msg, Addr string }
-	if err := json.Unmarshal(lines.Bytes(), &started); err != nil || started.Msg != "listening" {
-		t.Fatalf("first log line %q, want the listening address", lines.Text())
+	if level, _ := next("RATE_LIMITS is not a setting of this service: a typo of RATE_LIMIT?"); level != "WARN" {
+		t.Errorf("the warning of a misspelt setting has level %s, want WARN", level)
 	}
-	go io.Copy(io.Discard, logs) // keep the logger from blocking
-	_, port, _ := net.SplitHostPort(started.Addr)
-	got := send(t, "POST", "http://127.0.0.1:"+port+tokenPath, noneType, "code=AQDrun")
+	_, metricsURL := next("serving metrics")
+	_, serviceURL := next("listening")
+
+	got := send(t, "POST", serviceURL+tokenPath, noneType, "code=AQDrun")
 	if want := tokenJSON("at-AQDrun", "rt-AQDrun"); got.status != 200 || got.body != want {
 		t.Errorf("POST /api/token = %d %s, want 200 %s", got.status, got.body, want)
 	}
-	cancel()
+	if got := send(t, "GET", metricsURL+"/metrics", noneType, ""); got.status != 200 || !strings.Contains(got.body, `tokenswap_requests_total{handler="token",code="200"} 1`) {
+		t.Errorf("GET /metrics on METRICS_ADDR = %d %s, want 200 and the swap counted", got.status, got.body)
+	}
+	checkError(t, "GET /metrics on PORT", send(t, "GET", serviceURL+"/metrics", noneType, ""), 404, "not_found")
+
+	stopped := time.Now()
+	cancel() // as SIGTERM does
+	next("stopping")
+	got = send(t, "GET", serviceURL+"/healthz", noneType, "")
+	if got.status != 503 || got.body != `{"status":"stopping"}` || !got.close {
+		t.Errorf("GET /healthz while stopping = %d %s, Connection: close %v; want 503 {\"status\":\"stopping\"}, closing", got.status, got.body, got.close)
+	}
+	next("request") // the health check's line, written out during the delay
+	if took := time.Since(stopped); took >= delay {
+		t.Errorf("a request's log line came %v after SIGTERM, want it within the %v delay: lines must flow until the end", took, delay)
+	}
+	next("draining")
+	next("stopped")
 	if err := <-done; err != nil {
 		t.Errorf("run after cancel = %v, want nil", err)
+	}
+	if took := time.Since(stopped); took < delay {
+		t.Errorf("run returned %v after SIGTERM, want it to serve for SHUTDOWN_DELAY=%v first", took, delay)
+	}
+}
+
+// TestRollingDeployDropsNothing runs keep-alive clients through a SIGTERM
+// with SHUTDOWN_DELAY, as a load balancer sees it: an answer that closes its
+// connection sends the client to the other replica, and no request fails.
+func TestRollingDeployDropsNothing(t *testing.T) {
+	t.Parallel()
+	spotify := newFakeSpotify(t, likeSpotify)
+	cfg := testConfig(t, spotify.url, map[string]string{"SHUTDOWN_DELAY": "500ms"})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logger := slog.New(slog.DiscardHandler)
+	old := newServer(logger, cfg, testSpotifyClient(cfg))
+	ctx, sigterm := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serve(ctx, newHTTPServer(cfg, old, logger), ln, old, cfg, logger) }()
+	replacement := startService(t, likeSpotify, nil)
+
+	const clients, before, after = 20, 5, 5
+	var warm, failures, closed atomic.Int64
+	allWarm := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1}}
+			defer client.CloseIdleConnections()
+			target, n := "http://"+ln.Addr().String(), 0
+			for left := after; left > 0; n++ {
+				code := fmt.Sprintf("AQDclient%d-%d", i, n)
+				resp, err := client.Post(target+tokenPath, formType, strings.NewReader("code="+code))
+				if err != nil {
+					failures.Add(1)
+					t.Errorf("client %d, request %d: %v", i, n, err)
+					return
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if want := tokenJSON("at-"+code, "rt-"+code); resp.StatusCode != 200 || string(body) != want {
+					failures.Add(1)
+					t.Errorf("client %d, request %d = %d %s, want 200 %s", i, n, resp.StatusCode, body, want)
+				}
+				switch {
+				case n+1 == before && warm.Add(1) == clients:
+					close(allWarm)
+				case target == replacement.url:
+					left--
+				case resp.Close: // Connection: close: the balancer moves us
+					closed.Add(1)
+					target = replacement.url
+				}
+			}
+		}()
+	}
+	<-allWarm
+	sigterm()
+	wg.Wait()
+	if err := <-served; err != nil {
+		t.Errorf("serve = %v, want nil", err)
+	}
+	if failures.Load() != 0 || closed.Load() != clients {
+		t.Errorf("%d requests failed and %d of %d clients were told to leave; want none failed, all told", failures.Load(), closed.Load(), clients)
 	}
 }
 
@@ -331,21 +540,33 @@ func TestShutdownLetsRequestsFinish(t *testing.T) {
 	}
 }
 
-// TestSlowClientsAreCutOff checks that clients which send their headers byte
-// by byte, or never finish them, are disconnected by the server's timeouts
-// while other clients are served.
-func TestSlowClientsAreCutOff(t *testing.T) {
-	t.Parallel()
-	cfg := testConfig(t, "http://127.0.0.1:9", nil)
-	cfg.readHeaderTimeout, cfg.readTimeout = 300*time.Millisecond, 600*time.Millisecond
+// startHTTPServer serves the service on loopback with the server's limits
+// of cfg, as run does.
+func startHTTPServer(t *testing.T, cfg config) *httptest.Server {
+	t.Helper()
 	srv := httptest.NewUnstartedServer(nil)
 	srv.Config = newHTTPServer(cfg, newServer(slog.New(slog.DiscardHandler), cfg, testSpotifyClient(cfg)), slog.New(slog.DiscardHandler))
 	srv.Start()
-	defer srv.Close()
-	addr := srv.Listener.Addr().String()
+	t.Cleanup(srv.Close)
+	return srv
+}
 
-	dial := func(first string) net.Conn {
-		conn, err := net.Dial("tcp", addr)
+// TestSlowClientsAreCutOff checks that clients which send their headers byte
+// by byte, or never finish them, are disconnected within the header timeout,
+// and a body never finished within the read timeout, while other clients
+// are served.
+func TestSlowClientsAreCutOff(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(t, "http://127.0.0.1:9", nil)
+	// A read timeout far above the test's bounds: the header timeout alone
+	// must cut the headers off.
+	cfg.readHeaderTimeout, cfg.readTimeout = 300*time.Millisecond, time.Minute
+	headers := startHTTPServer(t, cfg)
+	cfg.readTimeout = 600 * time.Millisecond
+	body := startHTTPServer(t, cfg)
+
+	dial := func(srv *httptest.Server, first string) net.Conn {
+		conn, err := net.Dial("tcp", srv.Listener.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -366,7 +587,7 @@ func TestSlowClientsAreCutOff(t *testing.T) {
 	}
 
 	start := time.Now()
-	dribbling := dial("POST /api/token HTTP/1.1\r\nHost: x\r\n")
+	dribbling := dial(headers, "POST /api/token HTTP/1.1\r\nHost: x\r\n")
 	go func() { // one byte of a never-ending header every 20 ms
 		tick := time.NewTicker(20 * time.Millisecond)
 		defer tick.Stop()
@@ -376,10 +597,10 @@ func TestSlowClientsAreCutOff(t *testing.T) {
 			}
 		}
 	}()
-	stalled := dial("POST /api/token HTTP/1.1\r\nHost: x\r\nContent-Ty")
-	slowBody := dial("POST /api/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ncode=")
+	stalled := dial(headers, "POST /api/token HTTP/1.1\r\nHost: x\r\nContent-Ty")
+	slowBody := dial(body, "POST /api/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ncode=")
 
-	if got := send(t, "GET", srv.URL+"/healthz", noneType, ""); got.status != 200 {
+	if got := send(t, "GET", headers.URL+"/healthz", noneType, ""); got.status != 200 {
 		t.Errorf("GET /healthz while slow clients hang on = %d, want 200", got.status)
 	}
 	for name, conn := range map[string]net.Conn{"headers byte by byte": dribbling, "headers never finished": stalled} {
@@ -391,6 +612,29 @@ func TestSlowClientsAreCutOff(t *testing.T) {
 	took, got := closedAfter(slowBody, start)
 	if took > 5*time.Second || !strings.HasPrefix(got, "HTTP/1.1 400") || !strings.Contains(got, `"error":"invalid_request"`) {
 		t.Errorf("body never finished: closed after %v with %q, want a 400 JSON answer within the read timeout", took, got)
+	}
+}
+
+// TestServerLimits checks the limits run gives the server: oversized
+// headers are refused, and an answer may wait for a whole call to Spotify.
+func TestServerLimits(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(t, "http://127.0.0.1:9", map[string]string{"SPOTIFY_TIMEOUT": "30s"})
+	srv := startHTTPServer(t, cfg)
+	for size, want := range map[int]int{60 << 10: 200, 100 << 10: 431} {
+		got := send(t, "GET", srv.URL+"/healthz", noneType, "", "X-Padding", strings.Repeat("p", size))
+		if got.status != want {
+			t.Errorf("GET /healthz with %d KiB of headers = %d, want %d", size>>10, got.status, want)
+		}
+	}
+	// With SPOTIFY_TIMEOUT=30s, a 20 s answer from Spotify must still reach
+	// the client: the write timeout starts when the request is read.
+	if w := srv.Config.WriteTimeout; w < cfg.readTimeout+cfg.spotifyTimeout {
+		t.Errorf("WriteTimeout = %v with SPOTIFY_TIMEOUT=30s, want at least the read timeout plus 30s", w)
+	}
+	if srv.Config.ReadHeaderTimeout != 5*time.Second || srv.Config.ReadTimeout != 10*time.Second || srv.Config.IdleTimeout != 60*time.Second {
+		t.Errorf("server timeouts: header %v, read %v, idle %v; want 5s, 10s, 60s",
+			srv.Config.ReadHeaderTimeout, srv.Config.ReadTimeout, srv.Config.IdleTimeout)
 	}
 }
 
@@ -524,4 +768,91 @@ func (w *failingWriter) Write(p []byte) (int, error) {
 		return 0, errors.New("no space left on device")
 	}
 	return w.syncBuffer.Write(p)
+}
+
+// TestMain lets a test run the program itself, main and all: with
+// TOKENSWAP_TEST_MAIN=1 in its environment the test binary is the service.
+func TestMain(m *testing.M) {
+	if os.Getenv("TOKENSWAP_TEST_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// TestMainExitStatus runs the program in a directory of its own, with only
+// the environment given, and checks its exit status and what it says.
+func TestMainExitStatus(t *testing.T) {
+	t.Parallel()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	spotify := newFakeSpotify(t, likeSpotify)
+	refusing := newFakeSpotify(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		spotifyError(w, 400, "invalid_client", "Invalid client secret")
+	})
+	example, err := os.ReadFile(".env.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	credentials := "SPOTIFY_CLIENT_ID=" + testClientID + "\nSPOTIFY_CLIENT_SECRET='" + testClientSecret + "'\nSPOTIFY_CLIENT_CALLBACK_URL=" + testCallback + "\n"
+	tests := []struct {
+		name       string
+		dotenv     string // "" for no .env
+		env        []string
+		args       []string
+		wantStatus int
+		wantOut    []string // each in stdout and stderr together
+		notWant    []string
+	}{
+		{name: "nothing set, no .env", wantStatus: 2,
+			wantOut: []string{"SPOTIFY_CLIENT_ID is not set", "SPOTIFY_CLIENT_SECRET is not set", "no .env file in DIR, the working directory"}},
+		{name: ".env.example copied, not filled in", dotenv: string(example), wantStatus: 2,
+			wantOut: []string{"SPOTIFY_CLIENT_ID is still the placeholder"}, notWant: []string{"no .env file"}},
+		{name: "the secret under a misspelt name", env: []string{"SPOTIFY_CLIENT_ID=id", "SPOTIFY_CLIENT_SECERT=value-not-to-show", "SPOTIFY_CLIENT_CALLBACK_URL=myapp://cb"}, wantStatus: 2,
+			wantOut: []string{"SPOTIFY_CLIENT_SECRET is not set", "SPOTIFY_CLIENT_SECERT is not a setting of this service: a typo of SPOTIFY_CLIENT_SECRET?"},
+			notWant: []string{"value-not-to-show"}},
+		{name: "a bad flag", args: []string{"-verbose"}, wantStatus: 2, wantOut: []string{"Usage:", "-check"}},
+		{name: "help", args: []string{"-h"}, wantStatus: 0,
+			wantOut: []string{"Without a flag it serves", ".env in the working", "RATE_LIMIT", "METRICS_ADDR", "SPOTIFY_CLIENT_CALLBACK_URL", "-healthcheck"}},
+		{name: "version", args: []string{"-version"}, wantStatus: 0, wantOut: []string{buildVersion()}},
+		{name: "check: .env read, the environment wins over it", dotenv: credentials + "SPOTIFY_ACCOUNTS_URL=" + refusing.url + "\n",
+			env: []string{"SPOTIFY_ACCOUNTS_URL=" + spotify.url}, args: []string{"-check"}, wantStatus: 0,
+			wantOut: []string{"ok: credentials accepted by " + spotify.url}},
+		{name: "check: credentials refused", dotenv: credentials, env: []string{"SPOTIFY_ACCOUNTS_URL=" + refusing.url}, args: []string{"-check"}, wantStatus: 1,
+			wantOut: []string{"invalid_client: Invalid client secret"}, notWant: []string{testClientSecret}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			if tt.dotenv != "" {
+				if err := os.WriteFile(filepath.Join(dir, ".env"), []byte(tt.dotenv), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cmd := exec.Command(self, tt.args...)
+			cmd.Dir = dir
+			cmd.Env = append([]string{"TOKENSWAP_TEST_MAIN=1", "PORT=0"}, tt.env...)
+			out, err := cmd.CombinedOutput()
+			status := cmd.ProcessState.ExitCode()
+			if err != nil && status < 0 {
+				t.Fatalf("running the program: %v", err)
+			}
+			if status != tt.wantStatus {
+				t.Errorf("exit status %d, want %d; it said:\n%s", status, tt.wantStatus, out)
+			}
+			for _, want := range tt.wantOut {
+				if want = strings.ReplaceAll(want, "DIR", dir); !strings.Contains(string(out), want) {
+					t.Errorf("it said:\n%s\nwant %q in it", out, want)
+				}
+			}
+			for _, notWant := range tt.notWant {
+				if strings.Contains(string(out), notWant) {
+					t.Errorf("it said:\n%s\nwhich holds %q", out, notWant)
+				}
+			}
+		})
+	}
 }
