@@ -1506,8 +1506,12 @@ func TestLimiterMemoryIsBounded(t *testing.T) {
 	limited := netip.MustParseAddr("192.0.2.2")
 	l.wait(limited)
 	l.wait(limited)
-	for i := range maxClients {
+	full := len(l.tat) - 1             // all but limited have their burst back
+	for i := range maxClients - full { // up to the first sweep, and one past it
 		l.wait(netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)}))
+	}
+	if n := len(l.tat); n != maxClients-full+1 {
+		t.Errorf("after the sweep the table holds %d clients, want %d: the limited ones, and none of the %d with their burst back", n, maxClients-full+1, full)
 	}
 	if wait := l.wait(limited); wait == 0 {
 		t.Errorf("a limited client was forgotten while clients with full buckets were kept")
