@@ -303,7 +303,7 @@ func readParams(w http.ResponseWriter, r *http.Request) (params, *apiError) {
 	if r.ContentLength > maxBodyBytes {
 		return p, errTooLarge
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	body, err := readBody(http.MaxBytesReader(w, r.Body, maxBodyBytes), r.ContentLength, maxBodyBytes)
 	if err != nil {
 		if errors.As(err, new(*http.MaxBytesError)) {
 			return p, errTooLarge

@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -637,6 +638,14 @@ func TestSpotifyFaults(t *testing.T) {
 		{
 			name: "2 MiB answer",
 			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				io.WriteString(w, huge)
+			},
+			wantStatus: 502, wantError: "server_error", wantLog: "over 1048576 bytes",
+		},
+		{
+			name: "2 MiB answer with its Content-Length",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				w.Header().Set("Content-Length", strconv.Itoa(len(huge)))
 				io.WriteString(w, huge)
 			},
 			wantStatus: 502, wantError: "server_error", wantLog: "over 1048576 bytes",

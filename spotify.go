@@ -40,10 +40,16 @@ var (
 
 // spotifyClient calls the token endpoint of Spotify's accounts service.
 type spotifyClient struct {
-	http     *http.Client
-	tokenURL string
-	// authorization is the Basic credentials header value, built once.
-	authorization string
+	// transport is used as httputil.ReverseProxy uses it, without an
+	// http.Client: the token endpoint does not redirect (following a
+	// redirect would send the credentials elsewhere), and nothing is retried.
+	transport http.RoundTripper
+	timeout   time.Duration // for a whole call, the answer's body included
+	tokenURL  string
+	// header is every call's: the form's Content-Type and the Basic
+	// credentials, built once. Calls share it: a RoundTripper does not
+	// modify the request.
+	header http.Header
 
 	// now is time.Now; tests move a fake clock instead.
 	now func() time.Time
@@ -72,17 +78,17 @@ func newSpotifyClient(accountsURL, clientID, clientSecret string, timeout time.D
 	transport.MaxIdleConns = 0 // no limit
 	transport.MaxIdleConnsPerHost = 1 << 16
 	transport.ReadBufferSize, transport.WriteBufferSize = 2<<10, 2<<10
+	// A token answer is a few hundred bytes: not worth gzip's work.
+	transport.DisableCompression = true
 	return &spotifyClient{
-		http: &http.Client{
-			Transport: transport,
-			Timeout:   timeout,
-			// The token endpoint does not redirect; following a redirect
-			// would send the credentials somewhere else.
-			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		transport: transport,
+		timeout:   timeout,
+		tokenURL:  accountsURL + "/api/token",
+		header: http.Header{
+			"Content-Type":  {"application/x-www-form-urlencoded"},
+			"Authorization": {"Basic " + base64.StdEncoding.EncodeToString([]byte(clientID+":"+clientSecret))},
 		},
-		tokenURL:      accountsURL + "/api/token",
-		authorization: "Basic " + base64.StdEncoding.EncodeToString([]byte(clientID+":"+clientSecret)),
-		now:           time.Now,
+		now: time.Now,
 	}
 }
 
@@ -111,15 +117,16 @@ func (c *spotifyClient) post(ctx context.Context, body string) (answer, error) {
 	if left := time.Duration(c.backoffUntil.Load() - c.now().UnixNano()); left > 0 {
 		return answer{retryAfter: strconv.Itoa(wholeSeconds(left))}, errBackingOff
 	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.tokenURL, strings.NewReader(body))
 	if err != nil {
 		return answer{}, fmt.Errorf("spotify: %w", err)
 	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Authorization", c.authorization)
-	resp, err := c.http.Do(req)
+	req.Header = c.header
+	resp, err := c.transport.RoundTrip(req)
 	if err != nil {
-		return answer{}, callError(err)
+		return answer{}, c.callError(err)
 	}
 	defer resp.Body.Close()
 
@@ -127,10 +134,10 @@ func (c *spotifyClient) post(ctx context.Context, body string) (answer, error) {
 	if ans.status == http.StatusTooManyRequests {
 		c.backOff(ans.retryAfter)
 	}
-	ans.body, err = io.ReadAll(io.LimitReader(resp.Body, maxAnswerBytes+1))
+	ans.body, err = readBody(resp.Body, resp.ContentLength, maxAnswerBytes)
 	switch {
 	case err != nil:
-		return ans, callError(err)
+		return ans, c.callError(err)
 	case len(ans.body) > maxAnswerBytes:
 		return ans, fmt.Errorf("%w: status %d, over %d bytes", errSpotifyBadAnswer, ans.status, maxAnswerBytes)
 	case !isJSONObject(ans.body):
@@ -149,17 +156,30 @@ func (c *spotifyClient) backOff(retryAfter string) {
 	c.backoffUntil.Store(c.now().Add(min(time.Duration(s)*time.Second, maxBackoff)).UnixNano())
 }
 
+// readBody reads body to its end, or to one byte over limit, so that the
+// caller can tell a body over the limit. A body of known length n is read
+// into a buffer of just that size, where io.ReadAll would start at 512
+// bytes and grow: less for the garbage collector to do.
+func readBody(body io.Reader, n, limit int64) ([]byte, error) {
+	if n < 0 || n > limit {
+		return io.ReadAll(io.LimitReader(body, limit+1))
+	}
+	b := make([]byte, n)
+	_, err := io.ReadFull(body, b)
+	return b, err
+}
+
 // wholeSeconds rounds d up to whole seconds, at least 1, as Retry-After wants.
 func wholeSeconds(d time.Duration) int {
 	return max(1, int((d+time.Second-1)/time.Second))
 }
 
 // callError tells a timeout from other failures to talk to Spotify.
-func callError(err error) error {
+func (c *spotifyClient) callError(err error) error {
 	if errors.Is(err, context.DeadlineExceeded) {
-		return fmt.Errorf("%w: %w", errSpotifyTimeout, err)
+		return fmt.Errorf("%w: POST %s: %w", errSpotifyTimeout, c.tokenURL, err)
 	}
-	return fmt.Errorf("%w: %w", errSpotifyUnreachable, err)
+	return fmt.Errorf("%w: POST %s: %w", errSpotifyUnreachable, c.tokenURL, err)
 }
 
 // form encodes name, value pairs in the order given, leaving out empty values.
