@@ -3,7 +3,9 @@
 #   docker build -t spotify-token-swap --build-arg VERSION=$(git describe --tags --always) .
 #   docker run --rm -p 8080:8080 --env-file .env spotify-token-swap
 #
-# .ci/run runs this file's go build line as it stands, so that the two agree.
+# .ci/run runs this file's go build line as it stands, then builds this image
+# offline (stand-ins for the base images) and runs it: a swap, the
+# HEALTHCHECK, a non-root user, exit 0 on docker stop.
 
 FROM golang:1.26.8-bookworm AS build
 WORKDIR /src
