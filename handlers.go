@@ -79,7 +79,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	s.routes.ServeHTTP(ex, r)
 	took := time.Since(start)
-	s.metrics.request(route(r.URL.Path), ex.status, took)
+	s.metrics.request(route(r.URL.Path), ex.status, ex.oauthError, took)
 	s.log(r, ex, took)
 }
 
@@ -708,14 +708,29 @@ type metrics struct {
 	spotifyFailed   [3]atomic.Uint64
 	spotifyDuration histogram
 	rateLimited     atomic.Uint64
+	errors          [numOAuthErrors]atomic.Uint64 // by oauthErrors
 }
 
-// spotifyFailures label the calls to Spotify that gave no status.
-const spotifyFailures = "timeout unreachable canceled"
+const (
+	// spotifyFailures label the calls to Spotify that gave no status.
+	spotifyFailures = "timeout unreachable canceled"
+	// oauthErrors label the answers that carry an OAuth error: RFC 6749's,
+	// and this service's not_found; any other counts as "other".
+	oauthErrors    = "invalid_request invalid_client invalid_grant unauthorized_client unsupported_grant_type invalid_scope server_error temporarily_unavailable not_found other"
+	numOAuthErrors = 10
+)
 
-func (m *metrics) request(route, status int, took time.Duration) {
+func (m *metrics) request(route, status int, oauthError string, took time.Duration) {
 	m.requests[route][min(uint(status), 999)].Add(1)
 	m.requestDuration[route].observe(took)
+	if oauthError != "" { // not on the hot path: successes carry none
+		labels := strings.Fields(oauthErrors)
+		i := slices.Index(labels, oauthError)
+		if i < 0 {
+			i = len(labels) - 1
+		}
+		m.errors[i].Add(1)
+	}
 }
 
 func (m *metrics) spotifyCall(status int, err error, clientGone bool, took time.Duration) {
@@ -807,6 +822,12 @@ func (s *server) metricsHandler(version string) http.Handler {
 		}
 		family("tokenswap_spotify_request_duration_seconds", "histogram", "Time a call to Spotify took.")
 		m.spotifyDuration.write(&b, "tokenswap_spotify_request_duration_seconds", "")
+		family("tokenswap_errors_total", "counter", "Answers that carry an OAuth error, the service's own or Spotify's, by error.")
+		for i, name := range strings.Fields(oauthErrors) {
+			if n := m.errors[i].Load(); n > 0 {
+				fmt.Fprintf(&b, "tokenswap_errors_total{error=%q} %d\n", name, n)
+			}
+		}
 		family("tokenswap_rate_limited_total", "counter", "Requests refused for going over RATE_LIMIT.")
 		fmt.Fprintf(&b, "tokenswap_rate_limited_total %d\n", m.rateLimited.Load())
 		family("tokenswap_build_info", "gauge", "The version running, as a label; always 1.")

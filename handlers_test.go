@@ -1795,16 +1795,21 @@ func TestHints(t *testing.T) {
 func TestMetrics(t *testing.T) {
 	t.Parallel()
 	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
-		if form.Get("code") == "AQDslow" {
+		switch form.Get("code") {
+		case "AQDslow":
 			<-r.Context().Done()
-			return
+		case "AQDreset":
+			spotifyError(w, 400, "invalid_client", "Invalid client secret")
+		case "AQDodd":
+			spotifyError(w, 400, "some_new_error", "Something new")
+		default:
+			likeSpotify(w, r, form)
 		}
-		likeSpotify(w, r, form)
-	}, map[string]string{"RATE_LIMIT": "4/min", "SPOTIFY_TIMEOUT": "100ms"})
-	send(t, "POST", svc.url+tokenPath, formType, "code=AQDa")
-	send(t, "POST", svc.url+tokenPath, formType, "code=used")
+	}, map[string]string{"RATE_LIMIT": "6/min", "SPOTIFY_TIMEOUT": "100ms"})
+	for _, code := range []string{"AQDa", "used", "AQDslow", "AQDreset", "AQDodd"} {
+		send(t, "POST", svc.url+tokenPath, formType, "code="+code)
+	}
 	send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQB")
-	send(t, "POST", svc.url+tokenPath, formType, "code=AQDslow")
 	send(t, "POST", svc.url+tokenPath, formType, "code=AQDlimited")
 	send(t, "GET", svc.url+"/healthz", noneType, "")
 	send(t, "GET", svc.url+"/secret-admin-path", noneType, "")
@@ -1818,20 +1823,26 @@ func TestMetrics(t *testing.T) {
 	}
 	for _, want := range []string{
 		`tokenswap_requests_total{handler="token",code="200"} 1` + "\n",
-		`tokenswap_requests_total{handler="token",code="400"} 1` + "\n",
+		`tokenswap_requests_total{handler="token",code="400"} 3` + "\n",
 		`tokenswap_requests_total{handler="token",code="504"} 1` + "\n",
 		`tokenswap_requests_total{handler="token",code="429"} 1` + "\n",
 		`tokenswap_requests_total{handler="refresh_token",code="200"} 1` + "\n",
 		`tokenswap_requests_total{handler="healthz",code="200"} 1` + "\n",
 		`tokenswap_requests_total{handler="other",code="404"} 2` + "\n",
-		`tokenswap_request_duration_seconds_count{handler="token"} 4` + "\n",
-		`tokenswap_request_duration_seconds_bucket{handler="token",le="+Inf"} 4` + "\n",
+		`tokenswap_request_duration_seconds_count{handler="token"} 6` + "\n",
+		`tokenswap_request_duration_seconds_bucket{handler="token",le="+Inf"} 6` + "\n",
 		`tokenswap_spotify_requests_total{code="200"} 2` + "\n",
-		`tokenswap_spotify_requests_total{code="400"} 1` + "\n",
+		`tokenswap_spotify_requests_total{code="400"} 3` + "\n",
 		`tokenswap_spotify_requests_total{code="timeout"} 1` + "\n",
-		`tokenswap_spotify_request_duration_seconds_count 4` + "\n",
-		`tokenswap_spotify_request_duration_seconds_bucket{le="0.1"} 3` + "\n",
+		`tokenswap_spotify_request_duration_seconds_count 6` + "\n",
+		`tokenswap_spotify_request_duration_seconds_bucket{le="0.1"} 5` + "\n",
 		`tokenswap_rate_limited_total 1` + "\n",
+		`tokenswap_errors_total{error="invalid_grant"} 1` + "\n",
+		`tokenswap_errors_total{error="invalid_client"} 1` + "\n",
+		`tokenswap_errors_total{error="other"} 1` + "\n",
+		`tokenswap_errors_total{error="server_error"} 1` + "\n",
+		`tokenswap_errors_total{error="temporarily_unavailable"} 1` + "\n",
+		`tokenswap_errors_total{error="not_found"} 2` + "\n",
 		`tokenswap_build_info{version="v9.9.9-test"} 1` + "\n",
 		"# TYPE go_goroutines gauge\ngo_goroutines ",
 		"# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds ",
@@ -1841,7 +1852,10 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("/metrics does not hold %q:\n%s", want, body)
 		}
 	}
-	for _, chosen := range []string{"secret-admin-path", ".env", "AQD"} {
+	if n := len(strings.Fields(oauthErrors)); n != numOAuthErrors {
+		t.Errorf("oauthErrors names %d errors, numOAuthErrors says %d", n, numOAuthErrors)
+	}
+	for _, chosen := range []string{"secret-admin-path", ".env", "AQD", "some_new_error"} {
 		if strings.Contains(body, chosen) {
 			t.Errorf("/metrics holds %q, which a client chose", chosen)
 		}

@@ -405,7 +405,15 @@ type config struct {
 
 // loadConfig reads and checks every setting, and reports all problems at once.
 func loadConfig(env map[string]string) (config, error) {
-	get := func(name string) string { return strings.TrimSpace(env[name]) }
+	var problems []error
+	problem := func(format string, args ...any) { problems = append(problems, fmt.Errorf(format, args...)) }
+	get := func(name string) string {
+		v := strings.TrimSpace(env[name])
+		if len(v) >= 2 && (v[0] == '"' || v[0] == '\'') && v[len(v)-1] == v[0] {
+			problem("%s is in quotes, which docker's --env-file keeps as part of the value: write it without them", name)
+		}
+		return v
+	}
 	cfg := config{
 		clientID:          get("SPOTIFY_CLIENT_ID"),
 		clientSecret:      get("SPOTIFY_CLIENT_SECRET"),
@@ -415,8 +423,6 @@ func loadConfig(env map[string]string) (config, error) {
 		readTimeout:       10 * time.Second,
 		idleTimeout:       60 * time.Second,
 	}
-	var problems []error
-	problem := func(format string, args ...any) { problems = append(problems, fmt.Errorf(format, args...)) }
 
 	required := func(name, value, placeholder string) {
 		switch value {

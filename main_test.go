@@ -178,6 +178,8 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"accounts URL in clear over the network", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://accounts.spotify.com"}, []string{"plain http to another machine"}},
 		{"accounts URL in clear to a LAN host", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://192.168.1.10:8080"}, []string{"plain http to another machine"}},
 		{"accounts URL is the token endpoint", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://accounts.spotify.com/api/token"}, []string{"is the token endpoint; give the base URL"}},
+		{"secret in quotes, as docker --env-file keeps them", map[string]string{"SPOTIFY_CLIENT_SECRET": `"quoted-secret-value"`}, []string{"SPOTIFY_CLIENT_SECRET is in quotes"}},
+		{"callback in single quotes", map[string]string{"SPOTIFY_CLIENT_CALLBACK_URL": `'myapp://cb'`}, []string{"SPOTIFY_CLIENT_CALLBACK_URL is in quotes", `"'myapp://cb'" is not an absolute URL`}},
 		{"rate limit without a period", map[string]string{"RATE_LIMIT": "10"}, []string{`RATE_LIMIT: "10"`}},
 		{"rate limit per day", map[string]string{"RATE_LIMIT": "10/day"}, []string{`RATE_LIMIT: "10/day"`}},
 		{"rate limit of zero", map[string]string{"RATE_LIMIT": "0/min"}, []string{`RATE_LIMIT: "0/min"`}},
@@ -210,7 +212,7 @@ func TestLoadConfigProblems(t *testing.T) {
 			if lines := strings.Count(err.Error(), "\n") + 1; lines != len(tt.want) {
 				t.Errorf("loadConfig error has %d problems, want %d:\n%v", lines, len(tt.want), err)
 			}
-			secrets := append(splitList(tt.env["ENCRYPTION_SECRET"]), tt.env["SPOTIFY_CLIENT_SECRET"], testClientSecret, "hunter2-password")
+			secrets := append(splitList(tt.env["ENCRYPTION_SECRET"]), tt.env["SPOTIFY_CLIENT_SECRET"], testClientSecret, "hunter2-password", "quoted-secret-value")
 			for _, secret := range secrets {
 				if secret != "" && strings.Contains(err.Error(), secret) {
 					t.Errorf("loadConfig error %q shows the secret %q", err, secret)
