@@ -158,11 +158,9 @@ func refresh(w http.ResponseWriter, r *http.Request, m *metrics, spotify *spotif
 // relay answers with Spotify's status and body, or with the error that says
 // why Spotify gave no usable answer, and counts the call.
 func relay(w http.ResponseWriter, r *http.Request, m *metrics, ans answer, err error, took time.Duration, sealer *sealer) {
-	ex, _ := w.(*exchange)
+	ex := exchangeOf(w)
+	ex.spotifyStatus = ans.status
 	clientGone := errors.Is(err, context.Canceled) && r.Context().Err() != nil
-	if ex != nil {
-		ex.spotifyStatus = ans.status
-	}
 	if !errors.Is(err, errBackingOff) {
 		m.spotifyCall(ans.status, err, clientGone, took)
 	}
@@ -172,16 +170,12 @@ func relay(w http.ResponseWriter, r *http.Request, m *metrics, ans answer, err e
 	switch {
 	case clientGone:
 		// Nobody is left to answer, and nothing failed but the client.
-		if ex != nil {
-			ex.status, ex.reason = statusClientGone, "the client hung up before its answer; the call to Spotify was cancelled"
-		}
+		ex.status, ex.reason = statusClientGone, "the client hung up before its answer; the call to Spotify was cancelled"
 		return
-	case errors.Is(err, errBackingOff):
-		writeError(w, &apiError{http.StatusTooManyRequests, "temporarily_unavailable", "Spotify is rate limiting this app; retry after Retry-After seconds"})
+	case errors.Is(err, errBackingOff) || errors.Is(err, errSpotifyBadAnswer) && ans.status == http.StatusTooManyRequests:
+		writeError(w, &apiError{http.StatusTooManyRequests, "temporarily_unavailable", "Spotify is rate limiting this app; retry later"})
 	case errors.Is(err, errSpotifyTimeout):
 		writeError(w, &apiError{http.StatusGatewayTimeout, "server_error", "Spotify did not answer in time"})
-	case errors.Is(err, errSpotifyBadAnswer) && ans.status == http.StatusTooManyRequests:
-		writeError(w, &apiError{http.StatusTooManyRequests, "temporarily_unavailable", "Spotify is rate limiting this app; retry later"})
 	case errors.Is(err, errSpotifyBadAnswer):
 		writeError(w, &apiError{http.StatusBadGateway, "server_error", "Spotify's answer was not usable"})
 	case err != nil:
@@ -189,13 +183,13 @@ func relay(w http.ResponseWriter, r *http.Request, m *metrics, ans answer, err e
 	case sealer != nil && ans.status == http.StatusOK:
 		writeJSON(w, http.StatusOK, sealer.sealAnswer(ans.body))
 	default:
-		if ans.status/100 != 2 && ex != nil {
+		if ans.status/100 != 2 {
 			code, description := oauthError(ans.body)
 			ex.oauthError, ex.reason = code, "Spotify: "+description
 		}
 		writeJSON(w, ans.status, ans.body)
 	}
-	if err != nil && ex != nil {
+	if err != nil {
 		ex.reason = err.Error() // the operator's why, not the client's
 	}
 }
@@ -205,7 +199,7 @@ func relay(w http.ResponseWriter, r *http.Request, m *metrics, ans answer, err e
 func handleHealth(stopping *atomic.Bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if stopping.Load() {
-			note(w, "", "the service is stopping")
+			exchangeOf(w).reason = "the service is stopping"
 			writeJSON(w, http.StatusServiceUnavailable, []byte(`{"status":"stopping"}`))
 			return
 		}
@@ -419,20 +413,13 @@ func invalidRequest(description string) *apiError {
 }
 
 func writeError(w http.ResponseWriter, e *apiError) {
-	note(w, e.code, e.description)
+	ex := exchangeOf(w)
+	ex.oauthError, ex.reason = e.code, e.description
 	body, _ := json.Marshal(struct {
 		Error       string `json:"error"`
 		Description string `json:"error_description"`
 	}{e.code, e.description})
 	writeJSON(w, e.status, body)
-}
-
-// note keeps, for the request's log line, the OAuth error of its answer and
-// why it was given.
-func note(w http.ResponseWriter, oauthError, reason string) {
-	if ex, ok := w.(*exchange); ok {
-		ex.oauthError, ex.reason = oauthError, reason
-	}
 }
 
 // writeJSON writes every answer of the service. The headers go before
@@ -506,6 +493,15 @@ func (ex *exchange) WriteHeader(status int) {
 }
 
 func (ex *exchange) Unwrap() http.ResponseWriter { return ex.ResponseWriter }
+
+// exchangeOf returns the exchange a handler answers through, for its notes
+// to the log line; a handler run on its own, as in a test, gets a spare one.
+func exchangeOf(w http.ResponseWriter) *exchange {
+	if ex, ok := w.(*exchange); ok {
+		return ex
+	}
+	return &exchange{}
+}
 
 // log writes the request's one line. It logs no body, no query and no
 // header but X-Request-Id, so no code, token or secret can reach the log.
@@ -592,14 +588,12 @@ func (s *server) limit(next http.Handler) http.Handler {
 		return next
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if ex, ok := w.(*exchange); ok {
-			if wait := s.limiter.wait(ex.client); wait > 0 {
-				s.metrics.rateLimited.Add(1)
-				seconds := strconv.Itoa(wholeSeconds(wait))
-				w.Header().Set("Retry-After", seconds)
-				writeError(w, &apiError{http.StatusTooManyRequests, "temporarily_unavailable", "too many requests from this address (RATE_LIMIT); retry in " + seconds + " s"})
-				return
-			}
+		if wait := s.limiter.wait(exchangeOf(w).client); wait > 0 {
+			s.metrics.rateLimited.Add(1)
+			seconds := strconv.Itoa(wholeSeconds(wait))
+			w.Header().Set("Retry-After", seconds)
+			writeError(w, &apiError{http.StatusTooManyRequests, "temporarily_unavailable", "too many requests from this address (RATE_LIMIT); retry in " + seconds + " s"})
+			return
 		}
 		next.ServeHTTP(w, r)
 	})
@@ -671,29 +665,18 @@ func (l *limiter) forget(now time.Duration) {
 	}
 }
 
-// The handler label of the metrics: the route, never a path a client chose.
+// The metrics count by route: a path a client chose must not become a label.
 const (
-	routeToken = iota
-	routeRefresh
-	routeHealth
-	routeIndex
-	routeOther
-	numRoutes
+	numRoutes   = 5
 	routeLabels = "token refresh_token healthz index other"
 )
 
+// route returns the index in routeLabels of a request's path.
 func route(path string) int {
-	switch path {
-	case "/api/token":
-		return routeToken
-	case "/api/refresh_token":
-		return routeRefresh
-	case "/healthz":
-		return routeHealth
-	case "/":
-		return routeIndex
+	if i := slices.Index([]string{"/api/token", "/api/refresh_token", "/healthz", "/"}, path); i >= 0 {
+		return i
 	}
-	return routeOther
+	return numRoutes - 1 // other
 }
 
 // metrics are the counters GET /metrics shows: fixed tables of atomic
@@ -795,14 +778,18 @@ func (s *server) metricsHandler(version string) http.Handler {
 		m := &s.metrics
 		var b bytes.Buffer
 		family := func(name, kind, help string) { fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind) }
+		// counters prints the counters of a series that are not 0.
+		counters := func(name string, counts []atomic.Uint64, labels func(i int) string) {
+			for i := range counts {
+				if n := counts[i].Load(); n > 0 {
+					fmt.Fprintf(&b, "%s{%s} %d\n", name, labels(i), n)
+				}
+			}
+		}
 		routes := strings.Fields(routeLabels)
 		family("tokenswap_requests_total", "counter", "Requests answered, by handler and HTTP status (499: the client hung up).")
 		for route := range m.requests {
-			for code := range m.requests[route] {
-				if n := m.requests[route][code].Load(); n > 0 {
-					fmt.Fprintf(&b, "tokenswap_requests_total{handler=%q,code=\"%d\"} %d\n", routes[route], code, n)
-				}
-			}
+			counters("tokenswap_requests_total", m.requests[route][:], func(code int) string { return fmt.Sprintf(`handler=%q,code="%d"`, routes[route], code) })
 		}
 		family("tokenswap_request_duration_seconds", "histogram", "Time to answer a request, by handler.")
 		for route := range m.requestDuration {
@@ -811,24 +798,14 @@ func (s *server) metricsHandler(version string) http.Handler {
 		family("tokenswap_requests_in_flight", "gauge", "Requests being answered.")
 		fmt.Fprintf(&b, "tokenswap_requests_in_flight %d\n", s.inFlight.Load())
 		family("tokenswap_spotify_requests_total", "counter", "Calls to Spotify's token endpoint, by its status, or why it gave none.")
-		for code := range m.spotifyCalls {
-			if n := m.spotifyCalls[code].Load(); n > 0 {
-				fmt.Fprintf(&b, "tokenswap_spotify_requests_total{code=\"%d\"} %d\n", code, n)
-			}
-		}
-		for i, failure := range strings.Fields(spotifyFailures) {
-			if n := m.spotifyFailed[i].Load(); n > 0 {
-				fmt.Fprintf(&b, "tokenswap_spotify_requests_total{code=%q} %d\n", failure, n)
-			}
-		}
+		counters("tokenswap_spotify_requests_total", m.spotifyCalls[:], func(code int) string { return fmt.Sprintf(`code="%d"`, code) })
+		failures := strings.Fields(spotifyFailures)
+		counters("tokenswap_spotify_requests_total", m.spotifyFailed[:], func(i int) string { return fmt.Sprintf("code=%q", failures[i]) })
 		family("tokenswap_spotify_request_duration_seconds", "histogram", "Time a call to Spotify took.")
 		m.spotifyDuration.write(&b, "tokenswap_spotify_request_duration_seconds", "")
 		family("tokenswap_errors_total", "counter", "Answers that carry an OAuth error, the service's own or Spotify's, by error.")
-		for i, name := range strings.Fields(oauthErrors) {
-			if n := m.errors[i].Load(); n > 0 {
-				fmt.Fprintf(&b, "tokenswap_errors_total{error=%q} %d\n", name, n)
-			}
-		}
+		errs := strings.Fields(oauthErrors)
+		counters("tokenswap_errors_total", m.errors[:], func(i int) string { return fmt.Sprintf("error=%q", errs[i]) })
 		family("tokenswap_rate_limited_total", "counter", "Requests refused for going over RATE_LIMIT.")
 		fmt.Fprintf(&b, "tokenswap_rate_limited_total %d\n", m.rateLimited.Load())
 		family("tokenswap_build_info", "gauge", "The version running, as a label; always 1.")
