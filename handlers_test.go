@@ -398,6 +398,20 @@ func TestSwapsAndRefreshes(t *testing.T) {
 			wantStatus: 200, wantBody: tokenJSON("at-from-AQBweb", ""),
 		},
 		{
+			name: "media types are case-insensitive: JSON",
+			path: tokenPath, contentType: "Application/JSON; Charset=UTF-8",
+			body:       `{"code":"AQDcase"}`,
+			wantForm:   "grant_type=authorization_code&code=AQDcase&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-AQDcase", "rt-AQDcase"),
+		},
+		{
+			name: "media types are case-insensitive: form",
+			path: refreshPath, contentType: "APPLICATION/X-WWW-FORM-URLENCODED",
+			body:       "refresh_token=AQBcase",
+			wantForm:   "grant_type=refresh_token&refresh_token=AQBcase",
+			wantStatus: 200, wantBody: tokenJSON("at-from-AQBcase", ""),
+		},
+		{
 			name: "JSON members the service does not read may be anything",
 			path: tokenPath, contentType: jsonType,
 			body:       `{"code":"AQDx","client_id":null,"extra":{"a":[1,2.5,true]}}`,
@@ -512,6 +526,8 @@ func TestRefusesBadRequests(t *testing.T) {
 		{"trailing slash", "POST", tokenPath + "/", formType, "code=a", 404, "not_found"},
 		{"unclean path, which ServeMux would redirect", "POST", "/x/.." + tokenPath, formType, "code=a", 404, "not_found"},
 		{"double slash", "GET", "//healthz", noneType, "", 404, "not_found"},
+		{"the root twice, which ServeMux would redirect", "GET", "//", noneType, "", 404, "not_found"},
+		{"a dot segment", "POST", "/./api/token", formType, "code=a", 404, "not_found"},
 		{"query instead of body", "POST", tokenPath + "?code=a", formType, "", 400, "invalid_request"},
 	}
 	svc := startService(t, likeSpotify, nil)
