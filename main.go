@@ -47,6 +47,8 @@ var version string
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// A second signal, during SHUTDOWN_DELAY or the drain, stops at once.
+	context.AfterFunc(ctx, stop)
 	env, found, err := readEnv(".env", os.Environ())
 	if err == nil {
 		err = run(ctx, os.Args[1:], env, os.Stdout, os.Stderr)
@@ -427,7 +429,7 @@ func loadConfig(env map[string]string) (config, error) {
 	required := func(name, value, placeholder string) {
 		switch value {
 		case "":
-			problems = append(problems, fmt.Errorf("%s is %w", name, errNotSet))
+			problem("%s is %w", name, errNotSet)
 		case placeholder:
 			problem("%s is still the placeholder from .env.example", name)
 		}

@@ -22,6 +22,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -856,5 +857,64 @@ func TestMainExitStatus(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestMainSignals runs the program and signals it as a platform does: one
+// SIGTERM stops it cleanly, exit 0; a second one, during a long
+// SHUTDOWN_DELAY, stops it at once.
+func TestMainSignals(t *testing.T) {
+	t.Parallel()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		delay    string
+		signals  int
+		wantExit int
+	}{
+		{"0s", 1, 0},
+		{"1h", 2, -1}, // killed by the signal
+	} {
+		cmd := exec.Command(self)
+		cmd.Dir = t.TempDir()
+		cmd.Env = []string{"TOKENSWAP_TEST_MAIN=1", "PORT=0", "SHUTDOWN_DELAY=" + tt.delay,
+			"SPOTIFY_CLIENT_ID=id", "SPOTIFY_CLIENT_SECRET=secret", "SPOTIFY_CLIENT_CALLBACK_URL=myapp://cb"}
+		stderr, err := cmd.StderrPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		lines := bufio.NewScanner(stderr)
+		waitFor := func(msg string) {
+			t.Helper()
+			for lines.Scan() {
+				if strings.Contains(lines.Text(), `"msg":"`+msg+`"`) {
+					return
+				}
+			}
+			t.Fatalf("SHUTDOWN_DELAY=%s: the program ended before logging %q", tt.delay, msg)
+		}
+		waitFor("listening")
+		cmd.Process.Signal(syscall.SIGTERM)
+		if tt.signals == 2 {
+			waitFor("stopping")
+			cmd.Process.Signal(syscall.SIGTERM)
+		}
+		go io.Copy(io.Discard, stderr)
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second): // a bound, should it hang on
+			cmd.Process.Kill()
+			t.Fatalf("SHUTDOWN_DELAY=%s: still running 20 s after %d SIGTERM", tt.delay, tt.signals)
+		}
+		if got := cmd.ProcessState.ExitCode(); got != tt.wantExit {
+			t.Errorf("SHUTDOWN_DELAY=%s, %d SIGTERM: exit status %d, want %d", tt.delay, tt.signals, got, tt.wantExit)
+		}
 	}
 }
