@@ -566,20 +566,20 @@ func (s *server) clientAddr(r *http.Request) netip.Addr {
 // headers read as one list in order; with fewer entries, the leftmost. ok is
 // false where there is none, or it is not an IP address.
 func forwardedFor(headers []string, n int) (addr netip.Addr, ok bool) {
-	entry, found := "", false
+	entry := ""
 	for i := len(headers) - 1; i >= 0 && n > 0; i-- {
 		list := headers[i]
 		for n > 0 {
 			comma := strings.LastIndexByte(list, ',')
-			entry, found, n = list[comma+1:], true, n-1
+			entry, n = list[comma+1:], n-1
 			if comma < 0 {
 				break
 			}
 			list = list[:comma]
 		}
 	}
-	addr, err := netip.ParseAddr(strings.TrimSpace(entry))
-	return addr, found && err == nil
+	addr, err := netip.ParseAddr(strings.TrimSpace(entry)) // none: "", which is no address
+	return addr, err == nil
 }
 
 // limit answers 429 to a client over RATE_LIMIT, before its body is read.
