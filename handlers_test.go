@@ -252,14 +252,27 @@ type logLine struct {
 	Reason        string `json:"reason"`
 }
 
-// logLines parses a log, one JSON object a line.
+// logLines parses a log, one JSON object a line, and fails the test unless
+// every request's line has the fields every one must have, and
+// spotify_status only where Spotify answered.
 func logLines(t testing.TB, log string) []logLine {
 	t.Helper()
 	var lines []logLine
 	for _, text := range strings.Split(strings.TrimSpace(log), "\n") {
 		var line logLine
-		if err := json.Unmarshal([]byte(text), &line); err != nil {
+		var fields map[string]any
+		if err := json.Unmarshal([]byte(text), &line); err != nil || json.Unmarshal([]byte(text), &fields) != nil {
 			t.Fatalf("log line %q is not JSON: %v", text, err)
+		}
+		if line.Msg == "request" {
+			for _, name := range []string{"time", "level", "method", "path", "status", "duration_us", "client"} {
+				if _, ok := fields[name]; !ok {
+					t.Errorf("log line %s has no %s", text, name)
+				}
+			}
+			if status, ok := fields["spotify_status"]; ok && status == 0.0 {
+				t.Errorf("log line %s has spotify_status 0: it must be left out where Spotify did not answer", text)
+			}
 		}
 		lines = append(lines, line)
 	}
@@ -424,6 +437,13 @@ func TestSwapsAndRefreshes(t *testing.T) {
 			body:       "code=a%2Bb%2Fc%3D+d&state=%F0%9F%8E%B5",
 			wantForm:   "grant_type=authorization_code&code=a%2Bb%2Fc%3D+d&redirect_uri=testapp%3A%2F%2Fcallback",
 			wantStatus: 200, wantBody: tokenJSON("at-a+b/c= d", "rt-a+b/c= d"),
+		},
+		{
+			name: "empty pairs in a form are skipped",
+			path: tokenPath, contentType: formType,
+			body:       "&code=AQDamp&&redirect_uri=https%3A%2F%2Fapp.example.com%2Fcallback&",
+			wantForm:   "grant_type=authorization_code&code=AQDamp&redirect_uri=https%3A%2F%2Fapp.example.com%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-AQDamp", "rt-AQDamp"),
 		},
 		{
 			name: "empty optional fields count as absent",
@@ -1606,6 +1626,13 @@ func TestRateLimitBehindProxies(t *testing.T) {
 		t.Errorf("log line client = %q, want 203.0.113.7", lines[2].Client)
 	}
 
+	unlimited := startService(t, likeSpotify, nil)
+	send(t, "POST", unlimited.url+tokenPath, formType, "code=AQDproxy", "X-Forwarded-For", "203.0.113.7")
+	unlimited.close()
+	if strings.Contains(unlimited.log.String(), "TRUST_PROXY") {
+		t.Errorf("without RATE_LIMIT, X-Forwarded-For warned of the rate limit:\n%s", unlimited.log)
+	}
+
 	direct := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "100/min"})
 	for range 3 {
 		send(t, "POST", direct.url+tokenPath, formType, "code=AQDproxy", "X-Forwarded-For", "203.0.113.7")
@@ -1651,6 +1678,11 @@ func TestBackoff(t *testing.T) {
 	if n := len(svc.spotify.received()); n != 1 {
 		t.Errorf("Spotify received %d requests, want 1: none during the back-off", n)
 	}
+	m := &svc.server.metrics
+	if calls := m.spotifyCalls[429].Load(); calls != 1 || m.spotifyCalls[0].Load() != 0 || m.spotifyDuration.counts[0].Load() != 1 {
+		t.Errorf("metrics during the back-off: %d calls with 429, %d with no status, %d timed; want 1, 0, 1: calls not made are not counted",
+			calls, m.spotifyCalls[0].Load(), m.spotifyDuration.counts[0].Load())
+	}
 	clock.advance(4500 * time.Millisecond)
 	if got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDthree"); got.status != 200 {
 		t.Errorf("POST after the back-off = %d %s, want 200", got.status, got.body)
@@ -1675,6 +1707,10 @@ func TestLogSaysWhy(t *testing.T) {
 		case "AQDhtml":
 			w.WriteHeader(500)
 			io.WriteString(w, "<html>oops</html>")
+		case "AQDdown":
+			spotifyError(w, 503, "temporarily_unavailable", "Service unavailable")
+		case "AQD500":
+			spotifyError(w, 500, "server_error", "Internal error")
 		default:
 			likeSpotify(w, r, form)
 		}
@@ -1694,6 +1730,8 @@ func TestLogSaysWhy(t *testing.T) {
 		{"client secret reset", "POST", tokenPath, formType, "code=AQDreset", nil, 400, "invalid_client", "Spotify: Invalid client secret", "INFO"},
 		{"a user's stale code", "POST", tokenPath, formType, "code=used", nil, 400, "invalid_grant", "Spotify: Invalid authorization code", "INFO"},
 		{"Spotify answers HTML", "POST", tokenPath, formType, "code=AQDhtml", nil, 502, "server_error", "not a JSON object", "WARN"},
+		{"Spotify's own 500, relayed", "POST", tokenPath, formType, "code=AQD500", nil, 500, "server_error", "Spotify: Internal error", "WARN"},
+		{"Spotify's own 503, relayed", "POST", tokenPath, formType, "code=AQDdown", nil, 503, "temporarily_unavailable", "Spotify: Service unavailable", "WARN"},
 		{"no code", "POST", tokenPath, formType, "state=x", nil, 400, "invalid_request", "code is required", "INFO"},
 		{"redirect_uri refused", "POST", tokenPath, formType, "code=x&redirect_uri=evil%3A%2F%2Fcb", nil, 400, "invalid_request", "redirect_uri is not one of the callback URLs", "INFO"},
 		{"field twice", "POST", refreshPath, formType, "refresh_token=a&refresh_token=b", nil, 400, "invalid_request", "refresh_token is sent more than once", "INFO"},
@@ -1770,6 +1808,7 @@ func TestRequestIDInTheLog(t *testing.T) {
 	long := strings.Repeat("0123456789abcdef", 400) // 6.4 KB
 	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Request-Id", long)
 	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Request-Id", "req-1\t\xc3\xa9-end")
+	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Request-Id", "trace 7 ~!")
 	svc.close()
 	lines := logLines(t, svc.log.String())
 	if got := lines[0].RequestID; got != long[:128] {
@@ -1777,6 +1816,9 @@ func TestRequestIDInTheLog(t *testing.T) {
 	}
 	if got := lines[1].RequestID; got != "req-1-end" {
 		t.Errorf("X-Request-Id with a tab and bytes past ASCII is logged as %q, want req-1-end", got)
+	}
+	if got := lines[2].RequestID; got != "trace 7 ~!" {
+		t.Errorf("X-Request-Id of printable ASCII, space included, is logged as %q, want it whole", got)
 	}
 }
 
@@ -1828,6 +1870,7 @@ func TestMetrics(t *testing.T) {
 	send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQB")
 	send(t, "POST", svc.url+tokenPath, formType, "code=AQDlimited")
 	send(t, "GET", svc.url+"/healthz", noneType, "")
+	send(t, "GET", svc.url+"/", noneType, "")
 	send(t, "GET", svc.url+"/secret-admin-path", noneType, "")
 	send(t, "GET", svc.url+"/.env?x=1", noneType, "")
 
@@ -1844,6 +1887,8 @@ func TestMetrics(t *testing.T) {
 		`tokenswap_requests_total{handler="token",code="429"} 1` + "\n",
 		`tokenswap_requests_total{handler="refresh_token",code="200"} 1` + "\n",
 		`tokenswap_requests_total{handler="healthz",code="200"} 1` + "\n",
+		`tokenswap_requests_total{handler="index",code="200"} 1` + "\n",
+		"tokenswap_requests_in_flight 0\n",
 		`tokenswap_requests_total{handler="other",code="404"} 2` + "\n",
 		`tokenswap_request_duration_seconds_count{handler="token"} 6` + "\n",
 		`tokenswap_request_duration_seconds_bucket{handler="token",le="+Inf"} 6` + "\n",
@@ -1878,5 +1923,35 @@ func TestMetrics(t *testing.T) {
 	}
 	if got := send(t, "GET", svc.url+"/metrics", noneType, ""); got.status != 404 {
 		t.Errorf("GET /metrics on the service's port = %d, want 404: metrics are for the operator's port only", got.status)
+	}
+}
+
+// TestHistogram checks the exposition of a histogram: cumulative buckets,
+// +Inf and _count with what is over every bound, _sum in seconds.
+func TestHistogram(t *testing.T) {
+	t.Parallel()
+	var h histogram
+	for _, d := range []time.Duration{3 * time.Millisecond, 5 * time.Millisecond, 1500 * time.Millisecond, 11 * time.Second} {
+		h.observe(d)
+	}
+	var b strings.Builder
+	h.write(&b, "x_seconds", `handler="token"`)
+	for _, want := range []string{
+		`x_seconds_bucket{handler="token",le="0.005"} 2` + "\n", // a bound holds what equals it
+		`x_seconds_bucket{handler="token",le="0.01"} 2` + "\n",
+		`x_seconds_bucket{handler="token",le="2.5"} 3` + "\n",
+		`x_seconds_bucket{handler="token",le="10"} 3` + "\n",
+		`x_seconds_bucket{handler="token",le="+Inf"} 4` + "\n",
+		`x_seconds_sum{handler="token"} 12.508` + "\n",
+		`x_seconds_count{handler="token"} 4` + "\n",
+	} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("histogram exposition lacks %q:\n%s", want, b.String())
+		}
+	}
+	b.Reset()
+	h.write(&b, "y_seconds", "")
+	if !strings.Contains(b.String(), `y_seconds_bucket{le="+Inf"} 4`+"\n") || !strings.Contains(b.String(), "y_seconds_count 4\n") {
+		t.Errorf("histogram without labels:\n%s", b.String())
 	}
 }

@@ -377,26 +377,26 @@ func TestRunServesUntilCancelled(t *testing.T) {
 		}
 		close(lines)
 	}()
-	// next skips to the line with the message msg, and returns its level and
-	// address, where it has one.
-	next := func(msg string) (level, url string) {
+	// next skips to the line with the message msg, and returns its level, its
+	// reason and its address, where it has them.
+	next := func(msg string) (level, reason, url string) {
 		t.Helper()
 		for text := range lines {
-			var line struct{ Level, Msg, Addr string }
+			var line struct{ Level, Msg, Reason, Addr string }
 			json.Unmarshal([]byte(text), &line)
 			if line.Msg == msg {
 				_, port, _ := net.SplitHostPort(line.Addr)
-				return line.Level, "http://127.0.0.1:" + port
+				return line.Level, line.Reason, "http://127.0.0.1:" + port
 			}
 		}
 		t.Fatalf("the log ended before %q; run returned %v", msg, <-done)
-		return "", ""
+		return "", "", ""
 	}
-	if level, _ := next("RATE_LIMITS is not a setting of this service: a typo of RATE_LIMIT?"); level != "WARN" {
+	if level, _, _ := next("RATE_LIMITS is not a setting of this service: a typo of RATE_LIMIT?"); level != "WARN" {
 		t.Errorf("the warning of a misspelt setting has level %s, want WARN", level)
 	}
-	_, metricsURL := next("serving metrics")
-	_, serviceURL := next("listening")
+	_, _, metricsURL := next("serving metrics")
+	_, _, serviceURL := next("listening")
 
 	got := send(t, "POST", serviceURL+tokenPath, noneType, "code=AQDrun")
 	if want := tokenJSON("at-AQDrun", "rt-AQDrun"); got.status != 200 || got.body != want {
@@ -414,7 +414,10 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	if got.status != 503 || got.body != `{"status":"stopping"}` || !got.close {
 		t.Errorf("GET /healthz while stopping = %d %s, Connection: close %v; want 503 {\"status\":\"stopping\"}, closing", got.status, got.body, got.close)
 	}
-	next("request") // the health check's line, written out during the delay
+	// The health check's line, written out during the delay.
+	if _, reason, _ := next("request"); reason != "the service is stopping" {
+		t.Errorf("the 503 of /healthz while stopping is logged with the reason %q, want the service is stopping", reason)
+	}
 	if took := time.Since(stopped); took >= delay {
 		t.Errorf("a request's log line came %v after SIGTERM, want it within the %v delay: lines must flow until the end", took, delay)
 	}
