@@ -302,7 +302,8 @@ func send(t testing.TB, method, url, contentType, body string, header ...string)
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Set(header[i], header[i+1])
 	}
-	resp, err := http.DefaultClient.Do(req)
+	// The bound turns a service that hangs into a failure, not a stuck test.
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
 	if err != nil {
 		t.Errorf("%s %s: %v", method, url, err)
 		return reply{}
@@ -641,6 +642,7 @@ func TestHealthAndIndex(t *testing.T) {
 func TestSpotifyFaults(t *testing.T) {
 	t.Parallel()
 	huge := `{"access_token":"` + strings.Repeat("a", 2<<20) + `"}`
+	oneMiB := `{"access_token":"` + strings.Repeat("a", maxAnswerBytes-len(`{"access_token":""}`)) + `"}`
 	tests := []struct {
 		name           string
 		answer         spotifyFunc
@@ -687,6 +689,14 @@ func TestSpotifyFaults(t *testing.T) {
 			wantStatus: 502, wantError: "server_error", wantLog: "over 1048576 bytes",
 		},
 		{
+			name: "a Content-Length of 1 TiB, and a few bytes",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				w.Header().Set("Content-Length", strconv.Itoa(1<<40))
+				io.WriteString(w, `{"access_token":"at"}`)
+			},
+			wantStatus: 502, wantError: "server_error", wantLog: "unexpected EOF",
+		},
+		{
 			name: "empty 200",
 			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
 				w.WriteHeader(200)
@@ -706,6 +716,21 @@ func TestSpotifyFaults(t *testing.T) {
 				io.WriteString(w, `{"access_token":"at"`)
 			},
 			wantStatus: 502, wantError: "server_error",
+		},
+		{
+			name: "an answer of exactly 1 MiB",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				io.WriteString(w, oneMiB)
+			},
+			wantStatus: 200, wantBody: oneMiB,
+		},
+		{
+			name: "an answer of exactly 1 MiB, with its Content-Length",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				w.Header().Set("Content-Length", strconv.Itoa(len(oneMiB)))
+				io.WriteString(w, oneMiB)
+			},
+			wantStatus: 200, wantBody: oneMiB,
 		},
 		{
 			name: "429 with a JSON body",

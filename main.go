@@ -168,7 +168,7 @@ func run(ctx context.Context, args []string, env map[string]string, stdout, stde
 			ln.Close()
 			return fmt.Errorf("listen on METRICS_ADDR: %w", err)
 		}
-		metrics := &http.Server{Handler: svc.metricsHandler(buildVersion()), ReadHeaderTimeout: cfg.readHeaderTimeout}
+		metrics := newHTTPServer(cfg, svc.metricsHandler(buildVersion()), logger) // its limits too
 		go metrics.Serve(mln)
 		defer metrics.Close()
 		logger.Info("serving metrics", "addr", mln.Addr().String())

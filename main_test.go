@@ -76,9 +76,11 @@ func TestLoadConfig(t *testing.T) {
 			t.Errorf("shutdown grace with SPOTIFY_TIMEOUT=%s = %v, want %v", spotifyTimeout, cfg.shutdownTimeout, want)
 		}
 	}
-	cfg, _ = loadConfig(testEnv("", map[string]string{"RATE_LIMIT": "off", "SPOTIFY_ACCOUNTS_URL": "http://localhost:8089"}))
-	if cfg.rateLimit != 0 || cfg.accountsURL != "http://localhost:8089" {
-		t.Errorf("RATE_LIMIT=off, accounts on localhost: loadConfig = %+v", cfg)
+	for _, accounts := range []string{"http://localhost:8089", "http://[::1]:8089", "http://127.0.0.2:8089"} {
+		cfg, err = loadConfig(testEnv(accounts, map[string]string{"RATE_LIMIT": "off", "TRUST_PROXY": "10", "PORT": "65535"}))
+		if err != nil || cfg.rateLimit != 0 || cfg.accountsURL != accounts || cfg.trustProxy != 10 || cfg.port != "65535" {
+			t.Errorf("RATE_LIMIT=off, TRUST_PROXY=10, PORT=65535, accounts on %s: loadConfig = %+v, %v", accounts, cfg, err)
+		}
 	}
 	for setting, want := range map[string][2]any{"10/s": {10, time.Second}, "600/h": {600, time.Hour}, " 3/min ": {3, time.Minute}} {
 		cfg, _ = loadConfig(testEnv("", map[string]string{"RATE_LIMIT": setting}))
@@ -102,7 +104,9 @@ func TestLookalikeSettings(t *testing.T) {
 		"METRICS_PORT":          "9090",
 		"SHUTDOWN_DELAY_S":      "5",
 		"HOME":                  "/root", // not ours: no warning
-		"SPOTIFY_TIMEOUT":       "5s",    // a setting: no warning
+		"GENERATE_SOURCEMAP":    "false", // holds RATE_, but does not start with it
+		"MY_SPOTIFY_TOKEN":      "x",
+		"SPOTIFY_TIMEOUT":       "5s", // a setting: no warning
 	})
 	cfg, err := loadConfig(env)
 	if err != nil {
@@ -181,6 +185,10 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"accounts URL is the token endpoint", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://accounts.spotify.com/api/token"}, []string{"is the token endpoint; give the base URL"}},
 		{"secret in quotes, as docker --env-file keeps them", map[string]string{"SPOTIFY_CLIENT_SECRET": `"quoted-secret-value"`}, []string{"SPOTIFY_CLIENT_SECRET is in quotes"}},
 		{"callback in single quotes", map[string]string{"SPOTIFY_CLIENT_CALLBACK_URL": `'myapp://cb'`}, []string{"SPOTIFY_CLIENT_CALLBACK_URL is in quotes", `"'myapp://cb'" is not an absolute URL`}},
+		{"client ID an empty pair of quotes", map[string]string{"SPOTIFY_CLIENT_ID": `""`}, []string{"SPOTIFY_CLIENT_ID is in quotes"}},
+		{"accounts URL is the token endpoint behind a prefix", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://gw.example.com/spotify/api/token"}, []string{"is the token endpoint"}},
+		{"accounts URL with a fragment", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://accounts.spotify.com/#x"}, []string{"SPOTIFY_ACCOUNTS_URL"}},
+		{"trust proxy one too many", map[string]string{"TRUST_PROXY": "11"}, []string{`TRUST_PROXY: "11"`}},
 		{"rate limit without a period", map[string]string{"RATE_LIMIT": "10"}, []string{`RATE_LIMIT: "10"`}},
 		{"rate limit per day", map[string]string{"RATE_LIMIT": "10/day"}, []string{`RATE_LIMIT: "10/day"`}},
 		{"rate limit of zero", map[string]string{"RATE_LIMIT": "0/min"}, []string{`RATE_LIMIT: "0/min"`}},
@@ -280,7 +288,11 @@ func TestFlags(t *testing.T) {
 	if !errors.As(err, new(setupError)) || !strings.Contains(stderr.String(), "-healthcheck") {
 		t.Errorf("run -verbose = %v with output %q, want a setupError and the usage", err, stderr.String())
 	}
-	err = run(t.Context(), []string{"serve"}, testEnv("", nil), io.Discard, io.Discard)
+	// Cancelled already: should the argument be taken for serving, run
+	// returns at once instead of serving on.
+	cancelled, cancel := context.WithCancel(t.Context())
+	cancel()
+	err = run(cancelled, []string{"serve"}, testEnv("", map[string]string{"PORT": "0"}), io.Discard, io.Discard)
 	if !errors.As(err, new(setupError)) {
 		t.Errorf("run serve = %v, want a setupError", err)
 	}
@@ -340,16 +352,62 @@ func TestHealthcheck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: newServer(slog.New(slog.DiscardHandler), cfg, testSpotifyClient(cfg))}
+	svc := newServer(slog.New(slog.DiscardHandler), cfg, testSpotifyClient(cfg))
+	srv := &http.Server{Handler: svc}
 	go srv.Serve(ln)
 	port := ln.Addr().(*net.TCPAddr).Port
 	env := testEnv("", map[string]string{"PORT": strconv.Itoa(port)})
 	if err := run(t.Context(), []string{"-healthcheck"}, env, io.Discard, io.Discard); err != nil {
 		t.Errorf("run -healthcheck against a running service = %v, want nil", err)
 	}
+	svc.stopping.Store(true)
+	if err := run(t.Context(), []string{"-healthcheck"}, env, io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), "503") {
+		t.Errorf("run -healthcheck against a service that is stopping = %v, want an error naming its 503", err)
+	}
 	srv.Close()
 	if err := run(t.Context(), []string{"-healthcheck"}, env, io.Discard, io.Discard); err == nil {
 		t.Errorf("run -healthcheck against a stopped service = nil, want an error")
+	}
+	// Without PORT it asks the default port. (Something may listen there:
+	// then it must have answered.)
+	err = run(t.Context(), []string{"-healthcheck"}, testEnv("", nil), io.Discard, io.Discard)
+	if err != nil && !strings.Contains(err.Error(), "127.0.0.1:8080/healthz") {
+		t.Errorf("run -healthcheck without PORT = %v, want it to ask 127.0.0.1:8080", err)
+	}
+}
+
+// TestShutdownGraceRunsOut checks that a request still running when the
+// drain's grace is over makes serve fail, with a warning, rather than
+// pass for a clean stop.
+func TestShutdownGraceRunsOut(t *testing.T) {
+	t.Parallel()
+	arrived, release := make(chan struct{}), make(chan struct{})
+	spotify := newFakeSpotify(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		close(arrived)
+		<-release
+		likeSpotify(w, r, form)
+	})
+	defer close(release)
+	cfg := testConfig(t, spotify.url, nil)
+	cfg.shutdownTimeout = 50 * time.Millisecond
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var log syncBuffer
+	logger := slog.New(slog.NewJSONHandler(&log, nil))
+	svc := newServer(logger, cfg, testSpotifyClient(cfg))
+	ctx, stop := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serve(ctx, newHTTPServer(cfg, svc, logger), ln, svc, cfg, logger) }()
+	go send(t, "POST", "http://"+ln.Addr().String()+tokenPath, noneType, "code=AQDstuck")
+	<-arrived
+	stop()
+	if err := <-served; !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("serve with a request outlasting the grace = %v, want a deadline error", err)
+	}
+	if !strings.Contains(log.String(), `"level":"WARN","msg":"stopped before every request had finished","in_flight":1`) {
+		t.Errorf("the log does not warn that a request was cut off:\n%s", log.String())
 	}
 }
 
@@ -381,16 +439,23 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	// reason and its address, where it has them.
 	next := func(msg string) (level, reason, url string) {
 		t.Helper()
-		for text := range lines {
-			var line struct{ Level, Msg, Reason, Addr string }
-			json.Unmarshal([]byte(text), &line)
-			if line.Msg == msg {
-				_, port, _ := net.SplitHostPort(line.Addr)
-				return line.Level, line.Reason, "http://127.0.0.1:" + port
+		bound := time.After(10 * time.Second) // should the line never come
+		for {
+			select {
+			case text, ok := <-lines:
+				if !ok {
+					t.Fatalf("the log ended before %q; run returned %v", msg, <-done)
+				}
+				var line struct{ Level, Msg, Reason, Addr string }
+				json.Unmarshal([]byte(text), &line)
+				if line.Msg == msg {
+					_, port, _ := net.SplitHostPort(line.Addr)
+					return line.Level, line.Reason, "http://127.0.0.1:" + port
+				}
+			case <-bound:
+				t.Fatalf("no %q in the log within 10 s", msg)
 			}
 		}
-		t.Fatalf("the log ended before %q; run returned %v", msg, <-done)
-		return "", "", ""
 	}
 	if level, _, _ := next("RATE_LIMITS is not a setting of this service: a typo of RATE_LIMIT?"); level != "WARN" {
 		t.Errorf("the warning of a misspelt setting has level %s, want WARN", level)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"io"
@@ -341,25 +342,27 @@ func TestBackoffWindow(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
 		retryAfter string
+		status     int           // Spotify's first answer; 429 where 0
 		want       time.Duration // how long calls are held back
 	}{
-		{"7", 7 * time.Second},
-		{"1", time.Second},
-		{"60", time.Minute},
-		{"3600", time.Minute}, // capped: a minute at most
-		{"0", 0},
-		{"-5", 0},
-		{"", 0},
-		{"soon", 0},
-		{"Wed, 21 Oct 2026 07:28:00 GMT", 0}, // an HTTP date: no usable seconds
-		{"1.5", 0},
+		{"7", 0, 7 * time.Second},
+		{"120", 503, 0}, // only a 429 starts a back-off
+		{"1", 0, time.Second},
+		{"60", 0, time.Minute},
+		{"3600", 0, time.Minute}, // capped: a minute at most
+		{"0", 0, 0},
+		{"-5", 0, 0},
+		{"", 0, 0},
+		{"soon", 0, 0},
+		{"Wed, 21 Oct 2026 07:28:00 GMT", 0, 0}, // an HTTP date: no usable seconds
+		{"1.5", 0, 0},
 	}
 	for _, tt := range tests {
 		var calls atomic.Int32
 		spotify := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if calls.Add(1) == 1 {
 				w.Header().Set("Retry-After", tt.retryAfter)
-				spotifyError(w, 429, "rate_limited", "API rate limit exceeded")
+				spotifyError(w, cmp.Or(tt.status, 429), "rate_limited", "API rate limit exceeded")
 				return
 			}
 			io.WriteString(w, `{"access_token":"at"}`)
@@ -367,8 +370,8 @@ func TestBackoffWindow(t *testing.T) {
 		clock := newFakeClock()
 		c := newSpotifyClient(spotify.URL, testClientID, testClientSecret, time.Second)
 		c.now = clock.now
-		if ans, err := c.refresh(t.Context(), "AQB"); err != nil || ans.status != 429 {
-			t.Errorf("Retry-After %q: first call = %d, %v; want Spotify's 429", tt.retryAfter, ans.status, err)
+		if ans, err := c.refresh(t.Context(), "AQB"); err != nil || ans.status != cmp.Or(tt.status, 429) {
+			t.Errorf("Retry-After %q: first call = %d, %v; want Spotify's %d", tt.retryAfter, ans.status, err, cmp.Or(tt.status, 429))
 		}
 		if tt.want > 0 {
 			clock.advance(tt.want - time.Millisecond)
@@ -385,5 +388,25 @@ func TestBackoffWindow(t *testing.T) {
 			t.Errorf("Retry-After %q: Spotify got %d calls, want 2", tt.retryAfter, n)
 		}
 		spotify.Close()
+	}
+}
+
+// TestBasicCredentials checks the Authorization header for credentials
+// whose Base64 needs padding (the test suite's own need none): RFC 7617
+// wants standard Base64, padding included.
+func TestBasicCredentials(t *testing.T) {
+	t.Parallel()
+	got := make(chan string, 1)
+	spotify := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got <- r.Header.Get("Authorization")
+		io.WriteString(w, `{"access_token":"app"}`)
+	}))
+	defer spotify.Close()
+	c := newSpotifyClient(spotify.URL, "id1", "secret", time.Second) // "id1:secret", 10 bytes
+	if _, err := c.clientCredentials(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if auth := <-got; auth != "Basic aWQxOnNlY3JldA==" {
+		t.Errorf("Authorization = %q, want Basic aWQxOnNlY3JldA==", auth)
 	}
 }
