@@ -53,10 +53,11 @@ type spotifyClient struct {
 
 	// now is time.Now; tests move a fake clock instead.
 	now func() time.Time
-	// backoffUntil is when Spotify's last Retry-After runs out, in Unix
-	// nanoseconds. Spotify's limit counts per app: calls before then would
-	// only prolong it.
-	backoffUntil atomic.Int64
+	// backoffUntil is when Spotify's last Retry-After runs out, or nil.
+	// Spotify's limit counts per app: calls before then would only prolong
+	// it. (A time.Time, not Unix nanoseconds: its monotonic reading keeps
+	// a jump of the wall clock from stretching the back-off.)
+	backoffUntil atomic.Pointer[time.Time]
 }
 
 // answer is what Spotify said: its status, its Retry-After header and its body.
@@ -114,8 +115,10 @@ func (c *spotifyClient) clientCredentials(ctx context.Context) (answer, error) {
 // one JSON object of at most maxAnswerBytes. The answer comes back with the
 // error where there is one, so that the caller can see Spotify's status.
 func (c *spotifyClient) post(ctx context.Context, body string) (answer, error) {
-	if left := time.Duration(c.backoffUntil.Load() - c.now().UnixNano()); left > 0 {
-		return answer{retryAfter: strconv.Itoa(wholeSeconds(left))}, errBackingOff
+	if until := c.backoffUntil.Load(); until != nil {
+		if left := until.Sub(c.now()); left > 0 {
+			return answer{retryAfter: strconv.Itoa(wholeSeconds(left))}, errBackingOff
+		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
@@ -153,7 +156,8 @@ func (c *spotifyClient) backOff(retryAfter string) {
 	if err != nil || s <= 0 {
 		return
 	}
-	c.backoffUntil.Store(c.now().Add(min(time.Duration(s)*time.Second, maxBackoff)).UnixNano())
+	until := c.now().Add(min(time.Duration(s)*time.Second, maxBackoff))
+	c.backoffUntil.Store(&until)
 }
 
 // readBody reads body to its end, or to one byte over limit, so that the
