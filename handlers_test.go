@@ -1892,7 +1892,7 @@ func TestMetrics(t *testing.T) {
 		default:
 			likeSpotify(w, r, form)
 		}
-	}, map[string]string{"RATE_LIMIT": "6/min", "SPOTIFY_TIMEOUT": "100ms"})
+	}, map[string]string{"RATE_LIMIT": "6/min", "SPOTIFY_TIMEOUT": "300ms"})
 	for _, code := range []string{"AQDa", "used", "AQDslow", "AQDreset", "AQDodd"} {
 		send(t, "POST", svc.url+tokenPath, formType, "code="+code)
 	}
@@ -1925,7 +1925,7 @@ func TestMetrics(t *testing.T) {
 		`tokenswap_spotify_requests_total{code="400"} 3` + "\n",
 		`tokenswap_spotify_requests_total{code="timeout"} 1` + "\n",
 		`tokenswap_spotify_request_duration_seconds_count 6` + "\n",
-		`tokenswap_spotify_request_duration_seconds_bucket{le="0.1"} 5` + "\n",
+		`tokenswap_spotify_request_duration_seconds_bucket{le="0.25"} 5` + "\n",
 		`tokenswap_rate_limited_total 1` + "\n",
 		`tokenswap_errors_total{error="invalid_grant"} 1` + "\n",
 		`tokenswap_errors_total{error="invalid_client"} 1` + "\n",

@@ -502,7 +502,7 @@ func TestRunServesUntilCancelled(t *testing.T) {
 func TestRollingDeployDropsNothing(t *testing.T) {
 	t.Parallel()
 	spotify := newFakeSpotify(t, likeSpotify)
-	cfg := testConfig(t, spotify.url, map[string]string{"SHUTDOWN_DELAY": "500ms"})
+	cfg := testConfig(t, spotify.url, map[string]string{"SHUTDOWN_DELAY": "1s"})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
