@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -26,6 +27,9 @@ const (
 	maxBodyBytes = 64 << 10
 	// maxRequestID caps the X-Request-Id kept for the log.
 	maxRequestID = 128
+	// maxPathSegment is the longest path segment the log shows; Spotify's
+	// codes and tokens are hundreds of characters.
+	maxPathSegment = 32
 	// statusClientGone is nginx's 499: the client hung up before its answer.
 	statusClientGone = 499
 )
@@ -128,7 +132,7 @@ func handleRefresh(m *metrics, spotify *spotifyClient, sealer *sealer) http.Hand
 			return
 		}
 		if p.grantType != "" && p.grantType != "refresh_token" {
-			writeError(w, errUnsupportedGrant)
+			writeError(w, &apiError{http.StatusBadRequest, "unsupported_grant_type", "grant_type must be refresh_token here; codes are swapped at /api/token"})
 			return
 		}
 		refresh(w, r, m, spotify, sealer, p)
@@ -185,7 +189,7 @@ func relay(w http.ResponseWriter, r *http.Request, m *metrics, ans answer, err e
 	default:
 		if ans.status/100 != 2 {
 			code, description := oauthError(ans.body)
-			ex.oauthError, ex.reason = code, "Spotify: "+description
+			ex.oauthError, ex.reason = code, "Spotify: "+cmp.Or(description, code, "status "+strconv.Itoa(ans.status))
 		}
 		writeJSON(w, ans.status, ans.body)
 	}
@@ -509,7 +513,7 @@ func (s *server) log(r *http.Request, ex *exchange, took time.Duration) {
 	attrs := make([]slog.Attr, 0, 10)
 	attrs = append(attrs,
 		slog.String("method", r.Method),
-		slog.String("path", r.URL.Path),
+		slog.String("path", logPath(r.URL.Path)),
 		slog.Int("status", ex.status),
 		slog.Int64("duration_us", took.Microseconds()), // slog encodes floats slowly
 		slog.String("client", ex.client.String()))
@@ -526,10 +530,26 @@ func (s *server) log(r *http.Request, ex *exchange, took time.Duration) {
 		attrs = append(attrs, slog.String("reason", ex.reason))
 	}
 	level := slog.LevelInfo
-	if ex.status >= 500 {
+	if ex.status >= 500 && r.URL.Path != "/healthz" { // its 503 while stopping is no failure
 		level = slog.LevelWarn
 	}
 	s.logger.LogAttrs(r.Context(), level, "request", attrs...)
+}
+
+// logPath is a request's path as the log shows it: a segment longer than
+// any of the service's, such as a code or a token a client put in the
+// path, is masked.
+func logPath(path string) string {
+	if len(path) <= maxPathSegment {
+		return path
+	}
+	segments := strings.Split(path, "/")
+	for i, s := range segments {
+		if len(s) > maxPathSegment {
+			segments[i] = "(" + strconv.Itoa(len(s)) + " characters)"
+		}
+	}
+	return strings.Join(segments, "/")
 }
 
 // requestID returns the request's X-Request-Id, cut to maxRequestID bytes

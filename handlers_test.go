@@ -888,13 +888,17 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 	// Clients that send credentials of their own: none may be logged.
 	send(t, "POST", svc.url+tokenPath, formType, "code=AQDbasic", "Authorization", "Basic Y2xpZW50OmNsaWVudC1zZWNyZXQtMTIz")
 	send(t, "POST", svc.url+refreshPath+"?access_token=BQDinquery", formType, "refresh_token=x", "Authorization", "Bearer BQDbearer-token")
+	// A code, and a sealed token, in the path.
+	inPath := "AQDinpath" + strings.Repeat("x", 200)
+	send(t, "POST", svc.url+tokenPath+"/"+inPath, formType, "")
+	send(t, "GET", svc.url+"/refresh/"+tokens.RefreshToken+"/x", noneType, "")
 	svc.close()
 
 	log := svc.log.String()
 	secrets := []string{
 		"AQDsecretcode", "rt-AQDsecretcode", "at-AQDsecretcode", tokens.RefreshToken, "at-from-rt-AQDsecretcode",
 		"AQBrawtoken", "AQDtwice", "AQDinquery", "AQDjsoncode", "AQDbasic", "Y2xpZW50OmNsaWVudC1zZWNyZXQtMTIz",
-		"BQDbearer-token", "BQDinquery",
+		"BQDbearer-token", "BQDinquery", "AQDinpath",
 		testClientSecret, testAuthorization, strings.TrimPrefix(testAuthorization, "Basic "), testSecret,
 	}
 	for _, s := range secrets {
@@ -903,8 +907,11 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 		}
 	}
 	lines := strings.Split(strings.TrimSpace(log), "\n")
-	if len(lines) != 8 {
-		t.Errorf("the log has %d lines, want one per request (8):\n%s", len(lines), log)
+	if len(lines) != 10 {
+		t.Errorf("the log has %d lines, want one per request (10):\n%s", len(lines), log)
+	}
+	if got, want := logLines(t, log)[9].Path, fmt.Sprintf("/refresh/(%d characters)/x", len(tokens.RefreshToken)); got != want {
+		t.Errorf("a path with a token in it is logged as %q, want %q", got, want)
 	}
 	var first struct {
 		Method        string `json:"method"`
@@ -1740,6 +1747,12 @@ func TestLogSaysWhy(t *testing.T) {
 			spotifyError(w, 503, "temporarily_unavailable", "Service unavailable")
 		case "AQD500":
 			spotifyError(w, 500, "server_error", "Internal error")
+		case "AQDscope":
+			w.WriteHeader(400)
+			io.WriteString(w, `{"error":"invalid_scope"}`)
+		case "AQDbare":
+			w.WriteHeader(418)
+			io.WriteString(w, `{}`)
 		default:
 			likeSpotify(w, r, form)
 		}
@@ -1759,6 +1772,8 @@ func TestLogSaysWhy(t *testing.T) {
 		{"client secret reset", "POST", tokenPath, formType, "code=AQDreset", nil, 400, "invalid_client", "Spotify: Invalid client secret", "INFO"},
 		{"a user's stale code", "POST", tokenPath, formType, "code=used", nil, 400, "invalid_grant", "Spotify: Invalid authorization code", "INFO"},
 		{"Spotify answers HTML", "POST", tokenPath, formType, "code=AQDhtml", nil, 502, "server_error", "not a JSON object", "WARN"},
+		{"Spotify's error without a description", "POST", tokenPath, formType, "code=AQDscope", nil, 400, "invalid_scope", "Spotify: invalid_scope", "INFO"},
+		{"Spotify's answer with no error at all", "POST", tokenPath, formType, "code=AQDbare", nil, 418, "", "Spotify: status 418", "INFO"},
 		{"Spotify's own 500, relayed", "POST", tokenPath, formType, "code=AQD500", nil, 500, "server_error", "Spotify: Internal error", "WARN"},
 		{"Spotify's own 503, relayed", "POST", tokenPath, formType, "code=AQDdown", nil, 503, "temporarily_unavailable", "Spotify: Service unavailable", "WARN"},
 		{"no code", "POST", tokenPath, formType, "state=x", nil, 400, "invalid_request", "code is required", "INFO"},
@@ -1769,6 +1784,7 @@ func TestLogSaysWhy(t *testing.T) {
 		{"media type", "POST", tokenPath, "text/plain", "code=x", nil, 415, "invalid_request", "Content-Type must be", "INFO"},
 		{"wrong method", "GET", tokenPath, noneType, "", nil, 405, "invalid_request", "method GET is not allowed", "INFO"},
 		{"unknown path", "GET", "/admin", noneType, "", nil, 404, "not_found", "no such endpoint", "INFO"},
+		{"code grant at the refresh endpoint", "POST", refreshPath, formType, "grant_type=authorization_code&code=x", nil, 400, "unsupported_grant_type", "grant_type must be refresh_token here", "INFO"},
 		{"preflight from an origin not allowed", "OPTIONS", tokenPath, noneType, "", []string{"Origin", "https://evil.example", "Access-Control-Request-Method", "POST"}, 403, "invalid_request", "not in CORS_ALLOWED_ORIGINS", "INFO"},
 	}
 	svc := startService(t, spotifyAnswers, map[string]string{"ENCRYPTION_SECRET": testSecret, "CORS_ALLOWED_ORIGINS": "https://app.example.com"})
@@ -1785,7 +1801,8 @@ func TestLogSaysWhy(t *testing.T) {
 	}
 	for i, tt := range tests {
 		l := lines[i]
-		if l.Status != tt.wantStatus || l.Error != tt.wantError || !strings.Contains(l.Reason, tt.wantReason) || l.Level != tt.wantLevel || l.Client != "127.0.0.1" {
+		if l.Status != tt.wantStatus || l.Error != tt.wantError || !strings.Contains(l.Reason, tt.wantReason) || l.Level != tt.wantLevel ||
+			l.Client != "127.0.0.1" || l.Path != tt.path {
 			t.Errorf("%s: log line %+v, want status %d, error %q, a reason with %q, level %s, client 127.0.0.1",
 				tt.name, l, tt.wantStatus, tt.wantError, tt.wantReason, tt.wantLevel)
 		}

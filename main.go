@@ -124,11 +124,15 @@ func run(ctx context.Context, args []string, env map[string]string, stdout, stde
 		err = fmt.Errorf("unexpected argument %q", flags.Arg(0))
 	}
 	if err != nil {
+		help, out := errors.Is(err, flag.ErrHelp), stderr
+		if help {
+			out = stdout // asked for: not an error
+		}
 		names := strings.Fields(settings)
-		fmt.Fprintf(stderr, usage, strings.Join(names[3:8], " ")+"\n            "+strings.Join(names[8:], " "))
-		flags.SetOutput(stderr)
+		fmt.Fprintf(out, usage, strings.Join(names[3:8], " ")+"\n            "+strings.Join(names[8:], " "))
+		flags.SetOutput(out)
 		flags.PrintDefaults()
-		if errors.Is(err, flag.ErrHelp) {
+		if help {
 			return nil
 		}
 		return setupError{err}
@@ -147,6 +151,9 @@ func run(ctx context.Context, args []string, env map[string]string, stdout, stde
 	}
 	spotify := newSpotifyClient(cfg.accountsURL, cfg.clientID, cfg.clientSecret, cfg.spotifyTimeout)
 	if *check {
+		for _, w := range cfg.warnings {
+			fmt.Fprintln(stderr, "warning:", w)
+		}
 		return checkCredentials(ctx, spotify, cfg.accountsURL, stdout)
 	}
 
@@ -562,11 +569,34 @@ func lookalikes(env map[string]string) []string {
 		if slices.Contains(known, name) || !slices.ContainsFunc(strings.Fields(settingPrefixes), func(p string) bool { return strings.HasPrefix(name, p) }) {
 			continue
 		}
-		closest := slices.MinFunc(known, func(a, b string) int { return cmp.Compare(editDistance(name, a), editDistance(name, b)) })
-		warnings = append(warnings, fmt.Sprintf("%s is not a setting of this service: a typo of %s?", name, closest))
+		warnings = append(warnings, fmt.Sprintf("%s is not a setting of this service: a typo of %s?", name, closest(name, known)))
 	}
 	slices.Sort(warnings)
 	return warnings
+}
+
+// closest returns the setting most like name: the one with most words in
+// common (the first word counting twice, and the names other services use,
+// REDIRECT and URI, as this one's CALLBACK and URL), then the fewest edits.
+func closest(name string, settings []string) string {
+	words := func(s string) []string {
+		w := strings.Split(s, "_")
+		for i := range w {
+			w[i] = cmp.Or(map[string]string{"REDIRECT": "CALLBACK", "URI": "URL"}[w[i]], w[i])
+		}
+		return w
+	}
+	common := func(setting string) int {
+		a, b := words(name), words(setting)
+		n := len(slices.DeleteFunc(a[1:], func(w string) bool { return !slices.Contains(b, w) }))
+		if a[0] == b[0] {
+			n += 2
+		}
+		return n
+	}
+	return slices.MinFunc(settings, func(a, b string) int {
+		return cmp.Or(cmp.Compare(common(b), common(a)), cmp.Compare(editDistance(name, a), editDistance(name, b)))
+	})
 }
 
 // editDistance is the Levenshtein distance between a and b.

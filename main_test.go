@@ -103,6 +103,9 @@ func TestLookalikeSettings(t *testing.T) {
 		"TRUST_PROXIES":         "1",
 		"METRICS_PORT":          "9090",
 		"SHUTDOWN_DELAY_S":      "5",
+		"SHUTDOWN_TIMEOUT":      "5s",
+		"SPOTIFY_SECRET":        "other-typo-value",
+		"SPOTIFY_REDIRECT_URI":  "myapp://cb", // as other swap services name it
 		"HOME":                  "/root", // not ours: no warning
 		"GENERATE_SOURCEMAP":    "false", // holds RATE_, but does not start with it
 		"MY_SPOTIFY_TOKEN":      "x",
@@ -118,7 +121,10 @@ func TestLookalikeSettings(t *testing.T) {
 		"METRICS_PORT is not a setting of this service: a typo of METRICS_ADDR?",
 		"RATE_LIMITS is not a setting of this service: a typo of RATE_LIMIT?",
 		"SHUTDOWN_DELAY_S is not a setting of this service: a typo of SHUTDOWN_DELAY?",
+		"SHUTDOWN_TIMEOUT is not a setting of this service: a typo of SHUTDOWN_DELAY?",
 		"SPOTIFY_CLIENT_SECERT is not a setting of this service: a typo of SPOTIFY_CLIENT_SECRET?",
+		"SPOTIFY_REDIRECT_URI is not a setting of this service: a typo of SPOTIFY_CLIENT_CALLBACK_URL?",
+		"SPOTIFY_SECRET is not a setting of this service: a typo of SPOTIFY_CLIENT_SECRET?",
 		"TRUST_PROXIES is not a setting of this service: a typo of TRUST_PROXY?",
 	}
 	if !slices.Equal(cfg.warnings, want) {
@@ -131,7 +137,7 @@ func TestLookalikeSettings(t *testing.T) {
 		!strings.Contains(err.Error(), "SPOTIFY_CLIENT_SECERT is not a setting of this service: a typo of SPOTIFY_CLIENT_SECRET?") {
 		t.Errorf("loadConfig with the secret under a misspelt name = %v, want both the missing setting and the typo named", err)
 	}
-	for _, value := range []string{"typo-value", "key-value"} {
+	for _, value := range []string{"typo-value", "key-value", "other-typo-value"} {
 		if strings.Contains(err.Error()+strings.Join(cfg.warnings, ""), value) {
 			t.Errorf("a warning shows the value %q", value)
 		}
@@ -283,6 +289,10 @@ func TestFlags(t *testing.T) {
 		t.Errorf("run -version printed %q, want %q", got, want)
 	}
 
+	stdout.Reset()
+	if err := run(t.Context(), []string{"-h"}, testEnv("", nil), &stdout, &stderr); err != nil || !strings.Contains(stdout.String(), "Usage:") || stderr.Len() != 0 {
+		t.Errorf("run -h = %v, printing %q and %q to stderr; want the usage on stdout, as asked for", err, stdout.String(), stderr.String())
+	}
 	stderr.Reset()
 	err := run(t.Context(), []string{"-verbose"}, testEnv("", nil), io.Discard, &stderr)
 	if !errors.As(err, new(setupError)) || !strings.Contains(stderr.String(), "-healthcheck") {
@@ -479,9 +489,9 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	if got.status != 503 || got.body != `{"status":"stopping"}` || !got.close {
 		t.Errorf("GET /healthz while stopping = %d %s, Connection: close %v; want 503 {\"status\":\"stopping\"}, closing", got.status, got.body, got.close)
 	}
-	// The health check's line, written out during the delay.
-	if _, reason, _ := next("request"); reason != "the service is stopping" {
-		t.Errorf("the 503 of /healthz while stopping is logged with the reason %q, want the service is stopping", reason)
+	// The health check's line, written out during the delay: no failure.
+	if level, reason, _ := next("request"); reason != "the service is stopping" || level != "INFO" {
+		t.Errorf("the 503 of /healthz while stopping is logged at %s with the reason %q, want INFO, the service is stopping", level, reason)
 	}
 	if took := time.Since(stopped); took >= delay {
 		t.Errorf("a request's log line came %v after SIGTERM, want it within the %v delay: lines must flow until the end", took, delay)
@@ -891,6 +901,9 @@ func TestMainExitStatus(t *testing.T) {
 		{name: "check: .env read, the environment wins over it", dotenv: credentials + "SPOTIFY_ACCOUNTS_URL=" + refusing.url + "\n",
 			env: []string{"SPOTIFY_ACCOUNTS_URL=" + spotify.url}, args: []string{"-check"}, wantStatus: 0,
 			wantOut: []string{"ok: credentials accepted by " + spotify.url}},
+		{name: "check: a misspelt setting is warned of", dotenv: credentials + "CORS_ALLOWED_ORIGIN=https://app.example.com\n",
+			env: []string{"SPOTIFY_ACCOUNTS_URL=" + spotify.url}, args: []string{"-check"}, wantStatus: 0,
+			wantOut: []string{"warning: CORS_ALLOWED_ORIGIN is not a setting of this service: a typo of CORS_ALLOWED_ORIGINS?", "ok: credentials accepted"}},
 		{name: "check: credentials refused", dotenv: credentials, env: []string{"SPOTIFY_ACCOUNTS_URL=" + refusing.url}, args: []string{"-check"}, wantStatus: 1,
 			wantOut: []string{"invalid_client: Invalid client secret"}, notWant: []string{testClientSecret}},
 	}
