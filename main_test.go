@@ -106,8 +106,8 @@ func TestLookalikeSettings(t *testing.T) {
 		"SHUTDOWN_TIMEOUT":      "5s",
 		"SPOTIFY_SECRET":        "other-typo-value",
 		"SPOTIFY_REDIRECT_URI":  "myapp://cb", // as other swap services name it
-		"HOME":                  "/root", // not ours: no warning
-		"GENERATE_SOURCEMAP":    "false", // holds RATE_, but does not start with it
+		"HOME":                  "/root",      // not ours: no warning
+		"GENERATE_SOURCEMAP":    "false",      // holds RATE_, but does not start with it
 		"MY_SPOTIFY_TOKEN":      "x",
 		"SPOTIFY_TIMEOUT":       "5s", // a setting: no warning
 	})
