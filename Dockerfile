@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
 #   docker build -t spotify-token-swap --build-arg VERSION=$(git describe --tags --always) .
-#   docker run --rm -p 8080:8080 --env-file .env spotify-token-swap
+#   docker run --rm -p 8080:8080 --env-file .env --stop-timeout 30 spotify-token-swap
 #
 # .ci/run runs this file's go build line as it stands, then builds this image
 # offline (stand-ins for the base images) and runs it: a swap, the
