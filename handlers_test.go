@@ -433,6 +433,13 @@ func TestSwapsAndRefreshes(t *testing.T) {
 			wantStatus: 200, wantBody: tokenJSON("at-AQDx", "rt-AQDx"),
 		},
 		{
+			name: "JSON null for optional fields: absent",
+			path: tokenPath, contentType: jsonType,
+			body:       `{"code":"AQDnull","redirect_uri":null,"code_verifier":null,"grant_type":null}`,
+			wantForm:   "grant_type=authorization_code&code=AQDnull&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-AQDnull", "rt-AQDnull"),
+		},
+		{
 			name: "escapes are decoded and encoded again",
 			path: tokenPath, contentType: formType,
 			body:       "code=a%2Bb%2Fc%3D+d&state=%F0%9F%8E%B5",
@@ -523,6 +530,10 @@ func TestRefusesBadRequests(t *testing.T) {
 		{"bad escape in a field not read", "POST", tokenPath, formType, "code=x&state=%", 400, "invalid_request"},
 		{"code twice", "POST", tokenPath, formType, "code=a&code=b", 400, "invalid_request"},
 		{"code twice, once empty", "POST", tokenPath, formType, "code=&code=b", 400, "invalid_request"},
+		{"code twice, once (null)", "POST", tokenPath, formType, "code=(null)&code=b", 400, "invalid_request"},
+		{"grant_type in capitals: names are exact", "POST", tokenPath, formType, "grant_type=Refresh_Token&refresh_token=x", 400, "unsupported_grant_type"},
+		{"grant_type in capitals at the refresh endpoint", "POST", refreshPath, formType, "grant_type=REFRESH_TOKEN&refresh_token=x", 400, "unsupported_grant_type"},
+		{"redirect_uri in another case: it must be exact", "POST", tokenPath, formType, "code=x&redirect_uri=TESTAPP%3A%2F%2FCALLBACK", 400, "invalid_request"},
 		{"refresh_token twice", "POST", refreshPath, formType, "refresh_token=a&refresh_token=a", 400, "invalid_request"},
 		{"grant_type twice", "POST", tokenPath, formType, "grant_type=authorization_code&code=a&grant_type=authorization_code", 400, "invalid_request"},
 		{"JSON code twice", "POST", tokenPath, jsonType, `{"code":"a","code":"b"}`, 400, "invalid_request"},
@@ -1027,7 +1038,20 @@ func TestCORS(t *testing.T) {
 				t.Errorf("preflight %s = %d %q, want 204 and no body", path, got.status, got.body)
 			}
 		}
-		got := send(t, "POST", svc.url+tokenPath, jsonType, `{"code":"AQDweb"}`, "Origin", page)
+		// The page must be able to read a 404 for an unclean path too, and
+		// its preflight is answered like any other.
+		got := send(t, "POST", svc.url+"/"+tokenPath, jsonType, `{}`, "Origin", page)
+		checkError(t, "POST //api/token from the page", got, 404, "not_found")
+		if got.header.Get("Access-Control-Allow-Origin") != page {
+			t.Errorf("POST //api/token from %s: Access-Control-Allow-Origin = %q, want %s", page, got.header.Get("Access-Control-Allow-Origin"), page)
+		}
+		if got := send(t, "OPTIONS", svc.url+"/"+tokenPath, noneType, "", "Origin", page, "Access-Control-Request-Method", "POST"); got.status != 204 {
+			t.Errorf("preflight for //api/token from %s = %d, want 204", page, got.status)
+		}
+		if got := send(t, "GET", svc.url+"/healthz", noneType, ""); got.header.Get("Vary") != "Origin" {
+			t.Errorf("GET /healthz without Origin: Vary = %q, want Origin: a cache must not reuse it for a page", got.header.Get("Vary"))
+		}
+		got = send(t, "POST", svc.url+tokenPath, jsonType, `{"code":"AQDweb"}`, "Origin", page)
 		if got.status != 200 || got.header.Get("Access-Control-Allow-Origin") != page || got.header.Get("Vary") != "Origin" {
 			t.Errorf("POST from %s = %d, Allow-Origin %q, Vary %q; want 200, %s, Origin", page, got.status,
 				got.header.Get("Access-Control-Allow-Origin"), got.header.Get("Vary"), page)

@@ -31,7 +31,7 @@ import (
 
 func TestLoadConfig(t *testing.T) {
 	t.Parallel()
-	cfg, err := loadConfig(testEnv("http://127.0.0.1:9/", map[string]string{
+	cfg, err := loadConfig(testEnv("http://127.0.0.1:9//", map[string]string{
 		"PORT":                        "9090",
 		"SPOTIFY_TIMEOUT":             "30s",
 		"SPOTIFY_CLIENT_CALLBACK_URL": "com.example.app:/oauth, http://127.0.0.1:8888/callback",
