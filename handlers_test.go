@@ -1905,6 +1905,7 @@ func TestHints(t *testing.T) {
 		{"code in the query", tokenPath + "?code=AQDx", formType, "", "parameters in the URL query are not read"},
 		{"refresh_token in the query", refreshPath + "?refresh_token=AQB", formType, "", "parameters in the URL query are not read"},
 		{"refresh_token at the token endpoint", tokenPath, formType, "refresh_token=AQB", "send grant_type=refresh_token"},
+		{"refresh_token at the token endpoint, with a query", tokenPath + "?state=x", formType, "refresh_token=AQB", "send grant_type=refresh_token"},
 	}
 	for _, tt := range tests {
 		got := send(t, "POST", svc.url+tt.path, tt.contentType, tt.body)
@@ -2023,5 +2024,23 @@ func TestHistogram(t *testing.T) {
 	h.write(&b, "y_seconds", "")
 	if !strings.Contains(b.String(), `y_seconds_bucket{le="+Inf"} 4`+"\n") || !strings.Contains(b.String(), "y_seconds_count 4\n") {
 		t.Errorf("histogram without labels:\n%s", b.String())
+	}
+}
+
+// TestLogPath checks which path segments the log masks: those longer than
+// any of the service's own, as a code or a token is.
+func TestLogPath(t *testing.T) {
+	t.Parallel()
+	long, longer := strings.Repeat("a", maxPathSegment), strings.Repeat("b", maxPathSegment+1)
+	for path, want := range map[string]string{
+		"/api/token":                  "/api/token",
+		"/" + long:                    "/" + long,
+		"/x/" + long + "/y":           "/x/" + long + "/y",
+		"/" + longer:                  "/(33 characters)",
+		"/api/" + longer + "/" + long: "/api/(33 characters)/" + long,
+	} {
+		if got := logPath(path); got != want {
+			t.Errorf("logPath(%q) = %q, want %q", path, got, want)
+		}
 	}
 }

@@ -293,6 +293,11 @@ func TestFlags(t *testing.T) {
 	if err := run(t.Context(), []string{"-h"}, testEnv("", nil), &stdout, &stderr); err != nil || !strings.Contains(stdout.String(), "Usage:") || stderr.Len() != 0 {
 		t.Errorf("run -h = %v, printing %q and %q to stderr; want the usage on stdout, as asked for", err, stdout.String(), stderr.String())
 	}
+	for _, name := range strings.Fields(settings) {
+		if !strings.Contains(stdout.String(), name) {
+			t.Errorf("run -h does not name %s", name)
+		}
+	}
 	stderr.Reset()
 	err := run(t.Context(), []string{"-verbose"}, testEnv("", nil), io.Discard, &stderr)
 	if !errors.As(err, new(setupError)) || !strings.Contains(stderr.String(), "-healthcheck") {
@@ -324,6 +329,31 @@ func TestCheck(t *testing.T) {
 			t.Errorf("Spotify received %q, want [grant_type=client_credentials]", forms)
 		}
 	})
+	t.Run("a misspelt setting", func(t *testing.T) {
+		t.Parallel()
+		spotify := newFakeSpotify(t, likeSpotify)
+		var stdout, stderr strings.Builder
+		env := testEnv(spotify.url, map[string]string{"CORS_ALLOWED_ORIGIN": "https://app.example.com"})
+		if err := run(t.Context(), []string{"-check"}, env, &stdout, &stderr); err != nil {
+			t.Errorf("run -check = %v, want nil", err)
+		}
+		if !strings.HasPrefix(stdout.String(), "ok: ") || stderr.String() != "warning: CORS_ALLOWED_ORIGIN is not a setting of this service: a typo of CORS_ALLOWED_ORIGINS?\n" {
+			t.Errorf("run -check printed %q and on stderr %q; want ok on stdout and the warning on stderr", stdout.String(), stderr.String())
+		}
+	})
+	for body, want := range map[string]string{
+		`{}`:                         "answered 401: the answer is not an OAuth error",
+		`{"error":"invalid_client"}`: "answered 401: invalid_client",
+	} {
+		spotify := newFakeSpotify(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+			w.WriteHeader(401)
+			io.WriteString(w, body)
+		})
+		err := run(t.Context(), []string{"-check"}, testEnv(spotify.url, nil), io.Discard, io.Discard)
+		if err == nil || !strings.HasSuffix(err.Error(), want) {
+			t.Errorf("run -check against a 401 %s = %v, want an error ending %q", body, err, want)
+		}
+	}
 	t.Run("rejected", func(t *testing.T) {
 		t.Parallel()
 		spotify := newFakeSpotify(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
@@ -366,7 +396,7 @@ func TestHealthcheck(t *testing.T) {
 	srv := &http.Server{Handler: svc}
 	go srv.Serve(ln)
 	port := ln.Addr().(*net.TCPAddr).Port
-	env := testEnv("", map[string]string{"PORT": strconv.Itoa(port)})
+	env := testEnv("", map[string]string{"PORT": " " + strconv.Itoa(port) + " "}) // trimmed, as the server does
 	if err := run(t.Context(), []string{"-healthcheck"}, env, io.Discard, io.Discard); err != nil {
 		t.Errorf("run -healthcheck against a running service = %v, want nil", err)
 	}
@@ -416,8 +446,9 @@ func TestShutdownGraceRunsOut(t *testing.T) {
 	if err := <-served; !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("serve with a request outlasting the grace = %v, want a deadline error", err)
 	}
-	if !strings.Contains(log.String(), `"level":"WARN","msg":"stopped before every request had finished","in_flight":1`) {
-		t.Errorf("the log does not warn that a request was cut off:\n%s", log.String())
+	if !strings.Contains(log.String(), `"level":"WARN","msg":"stopped before every request had finished","in_flight":1`) ||
+		strings.Contains(log.String(), `"msg":"stopped"`) {
+		t.Errorf("the log does not warn that a request was cut off, or says it stopped cleanly:\n%s", log.String())
 	}
 }
 
@@ -446,7 +477,8 @@ func TestRunServesUntilCancelled(t *testing.T) {
 		close(lines)
 	}()
 	// next skips to the line with the message msg, and returns its level, its
-	// reason and its address, where it has them.
+	// reason and its address, where it has them; startLine is the whole line.
+	var startLine string
 	next := func(msg string) (level, reason, url string) {
 		t.Helper()
 		bound := time.After(10 * time.Second) // should the line never come
@@ -459,6 +491,7 @@ func TestRunServesUntilCancelled(t *testing.T) {
 				var line struct{ Level, Msg, Reason, Addr string }
 				json.Unmarshal([]byte(text), &line)
 				if line.Msg == msg {
+					startLine = text
 					_, port, _ := net.SplitHostPort(line.Addr)
 					return line.Level, line.Reason, "http://127.0.0.1:" + port
 				}
@@ -472,6 +505,9 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	}
 	_, _, metricsURL := next("serving metrics")
 	_, _, serviceURL := next("listening")
+	if !strings.Contains(startLine, `"sealing":false,"cors":false,"rate_limit":"off","trust_proxy":0}`) {
+		t.Errorf("the listening line %s does not say which features are on", startLine)
+	}
 
 	got := send(t, "POST", serviceURL+tokenPath, noneType, "code=AQDrun")
 	if want := tokenJSON("at-AQDrun", "rt-AQDrun"); got.status != 200 || got.body != want {
@@ -607,6 +643,9 @@ func TestShutdownLetsRequestsFinish(t *testing.T) {
 	if _, err := net.Dial("tcp", ln.Addr().String()); err == nil {
 		t.Errorf("the server still accepts connections while shutting down")
 	}
+	if strings.Contains(log.String(), `"msg":"stopped"`) {
+		t.Errorf("the log says stopped while a request is still in flight:\n%s", log.String())
+	}
 	close(release)
 	if got, want := <-answered, tokenJSON("at-AQDinflight", "rt-AQDinflight"); got.status != 200 || got.body != want {
 		t.Errorf("in-flight POST /api/token = %d %s, want 200 %s", got.status, got.body, want)
@@ -618,6 +657,9 @@ func TestShutdownLetsRequestsFinish(t *testing.T) {
 		if !strings.Contains(log.String(), want) {
 			t.Errorf("the log does not hold %s:\n%s", want, log.String())
 		}
+	}
+	if strings.Contains(log.String(), `"msg":"draining"`) {
+		t.Errorf("without SHUTDOWN_DELAY the log says draining, which marks the delay's end:\n%s", log.String())
 	}
 }
 
