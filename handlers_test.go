@@ -250,6 +250,7 @@ type logLine struct {
 	RequestID     string `json:"request_id"`
 	Error         string `json:"error"`
 	Reason        string `json:"reason"`
+	DurationUS    int64  `json:"duration_us"`
 }
 
 // logLines parses a log, one JSON object a line, and fails the test unless
@@ -272,6 +273,10 @@ func logLines(t testing.TB, log string) []logLine {
 			}
 			if status, ok := fields["spotify_status"]; ok && status == 0.0 {
 				t.Errorf("log line %s has spotify_status 0: it must be left out where Spotify did not answer", text)
+			}
+			_, hasError := fields["error"]
+			if _, hasReason := fields["reason"]; line.Status/100 == 2 && (hasError || hasReason) {
+				t.Errorf("log line %s of a success has an error or a reason", text)
 			}
 		}
 		lines = append(lines, line)
@@ -493,6 +498,9 @@ func TestSwapsAndRefreshes(t *testing.T) {
 			}
 			if forms := svc.spotify.received(); len(forms) != 1 || forms[0] != tt.wantForm {
 				t.Errorf("Spotify received %q, want exactly [%q]", forms, tt.wantForm)
+			}
+			if ra, ok := got.header["Retry-After"]; ok {
+				t.Errorf("POST %s: Retry-After %q, want none where Spotify sent none", tt.path, ra)
 			}
 		})
 	}
@@ -727,6 +735,13 @@ func TestSpotifyFaults(t *testing.T) {
 				io.WriteString(w, `{"access_token":"at"`)
 			},
 			wantStatus: 502, wantError: "server_error",
+		},
+		{
+			name: "a JSON object after white space",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				io.WriteString(w, "\n\t "+tokenJSON("at", "rt"))
+			},
+			wantStatus: 200, wantBody: "\n\t " + tokenJSON("at", "rt"),
 		},
 		{
 			name: "an answer of exactly 1 MiB",
@@ -984,6 +999,9 @@ func TestFailuresLogNoSecrets(t *testing.T) {
 		for _, l := range logLines(t, log) {
 			if l.Reason == "" || l.Level != "WARN" {
 				t.Errorf("%s: log line %+v, want a WARN that says why", name, l)
+			}
+			if name == "timeout" && l.DurationUS < 100_000 {
+				t.Errorf("timeout after SPOTIFY_TIMEOUT=100ms logged duration_us %d, want at least 100000 (microseconds)", l.DurationUS)
 			}
 		}
 	}
@@ -1983,6 +2001,17 @@ func TestMetrics(t *testing.T) {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics does not hold %q:\n%s", want, body)
 		}
+	}
+	for _, line := range strings.Split(body, "\n") {
+		counter := strings.HasPrefix(line, "tokenswap_requests_total{") || strings.HasPrefix(line, "tokenswap_spotify_requests_total{") || strings.HasPrefix(line, "tokenswap_errors_total{")
+		if counter && strings.HasSuffix(line, " 0") {
+			t.Errorf("/metrics lists a counter that is 0: %s", line)
+		}
+	}
+	var started float64
+	fmt.Sscanf(body[strings.Index(body, "\nprocess_start_time_seconds ")+1:], "process_start_time_seconds %g", &started)
+	if d := started - float64(svc.server.metrics.start.UnixMilli())/1e3; d < -0.001 || d > 0.001 {
+		t.Errorf("process_start_time_seconds = %f, want the time the service started, %v", started, svc.server.metrics.start)
 	}
 	if n := len(strings.Fields(oauthErrors)); n != numOAuthErrors {
 		t.Errorf("oauthErrors names %d errors, numOAuthErrors says %d", n, numOAuthErrors)

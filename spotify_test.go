@@ -60,6 +60,7 @@ func TestOpenRefuses(t *testing.T) {
 		"a raw Spotify token":      "AQBrefresh",
 		"empty":                    "",
 		"the prefix alone":         sealPrefix,
+		"without the prefix":       strings.TrimPrefix(sealed, sealPrefix),
 		"another version":          "v2." + strings.TrimPrefix(sealed, sealPrefix),
 		"first byte changed":       flip(len(sealPrefix)),
 		"a middle byte changed":    flip(len(sealed) / 2),
@@ -408,5 +409,48 @@ func TestBasicCredentials(t *testing.T) {
 	}
 	if auth := <-got; auth != "Basic aWQxOnNlY3JldA==" {
 		t.Errorf("Authorization = %q, want Basic aWQxOnNlY3JldA==", auth)
+	}
+}
+
+// TestBackoffAgain checks that a 429 whose body is not JSON starts a
+// back-off too, and that a 429 after a back-off has run out starts a new one.
+func TestBackoffAgain(t *testing.T) {
+	t.Parallel()
+	var calls atomic.Int32
+	spotify := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch calls.Add(1) {
+		case 1:
+			w.Header().Set("Retry-After", "7")
+			w.Header().Set("Content-Type", "text/html")
+			w.WriteHeader(429)
+			io.WriteString(w, "<html>Too Many Requests</html>")
+		case 2:
+			w.Header().Set("Retry-After", "2")
+			spotifyError(w, 429, "rate_limited", "API rate limit exceeded")
+		default:
+			io.WriteString(w, `{"access_token":"at"}`)
+		}
+	}))
+	defer spotify.Close()
+	clock := newFakeClock()
+	c := newSpotifyClient(spotify.URL, testClientID, testClientSecret, time.Second)
+	c.now = clock.now
+	call := func(when string, wantErr error, wantStatus int) {
+		t.Helper()
+		if ans, err := c.refresh(t.Context(), "AQB"); !errors.Is(err, wantErr) || ans.status != wantStatus {
+			t.Errorf("%s: %d, %v; want %d, %v", when, ans.status, err, wantStatus, wantErr)
+		}
+	}
+	call("first call, Spotify's HTML 429", errSpotifyBadAnswer, 429)
+	clock.advance(6 * time.Second)
+	call("6 s later", errBackingOff, 0)
+	clock.advance(time.Second)
+	call("7 s later, Spotify's JSON 429", nil, 429)
+	clock.advance(time.Second)
+	call("1 s into the second back-off", errBackingOff, 0)
+	clock.advance(time.Second)
+	call("2 s later", nil, 200)
+	if n := calls.Load(); n != 3 {
+		t.Errorf("Spotify got %d calls, want 3: none during either back-off", n)
 	}
 }
