@@ -563,10 +563,10 @@ func loadConfig(env map[string]string) (config, error) {
 // such as SPOTIFY_CLIENT_SECERT, naming the closest setting. It never shows
 // a value.
 func lookalikes(env map[string]string) []string {
-	known := strings.Fields(settings)
+	known, prefixes := strings.Fields(settings), strings.Fields(settingPrefixes)
 	var warnings []string
 	for name := range env {
-		if slices.Contains(known, name) || !slices.ContainsFunc(strings.Fields(settingPrefixes), func(p string) bool { return strings.HasPrefix(name, p) }) {
+		if slices.Contains(known, name) || !slices.ContainsFunc(prefixes, func(p string) bool { return strings.HasPrefix(name, p) }) {
 			continue
 		}
 		warnings = append(warnings, fmt.Sprintf("%s is not a setting of this service: a typo of %s?", name, closest(name, known)))
@@ -578,23 +578,30 @@ func lookalikes(env map[string]string) []string {
 // closest returns the setting most like name: the one with most words in
 // common (the first word counting twice, and the names other services use,
 // REDIRECT and URI, as this one's CALLBACK and URL), then the fewest edits.
-func closest(name string, settings []string) string {
+func closest(name string, known []string) string {
+	alias := map[string]string{"REDIRECT": "CALLBACK", "URI": "URL"}
 	words := func(s string) []string {
 		w := strings.Split(s, "_")
 		for i := range w {
-			w[i] = cmp.Or(map[string]string{"REDIRECT": "CALLBACK", "URI": "URL"}[w[i]], w[i])
+			w[i] = cmp.Or(alias[w[i]], w[i])
 		}
 		return w
 	}
+	nameWords := words(name)
 	common := func(setting string) int {
-		a, b := words(name), words(setting)
-		n := len(slices.DeleteFunc(a[1:], func(w string) bool { return !slices.Contains(b, w) }))
-		if a[0] == b[0] {
+		b := words(setting)
+		n := 0
+		for _, w := range nameWords[1:] {
+			if slices.Contains(b, w) {
+				n++
+			}
+		}
+		if nameWords[0] == b[0] {
 			n += 2
 		}
 		return n
 	}
-	return slices.MinFunc(settings, func(a, b string) int {
+	return slices.MinFunc(known, func(a, b string) int {
 		return cmp.Or(cmp.Compare(common(b), common(a)), cmp.Compare(editDistance(name, a), editDistance(name, b)))
 	})
 }
