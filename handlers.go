@@ -13,20 +13,21 @@ import (
 	"net/netip"
 	"net/url"
 	"path"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 const (
 	// maxBodyBytes caps a client's request body; a token request is a few hundred bytes.
 	maxBodyBytes = 64 << 10
-	// maxRequestID caps the X-Request-Id kept for the log.
-	maxRequestID = 128
+	// maxClientValue caps each value a client chose (method, path, Origin,
+	// X-Request-Id) where a log line or an answer shows it, so that none is
+	// longer than about 2 KiB however the request is built.
+	maxClientValue = 128
 	// maxPathSegment is the longest path segment the log shows; Spotify's
 	// codes and tokens are hundreds of characters.
 	maxPathSegment = 32
@@ -36,28 +37,24 @@ const (
 
 // server is the service's HTTP surface, and what it keeps while it runs.
 type server struct {
-	routes     http.Handler
-	logger     *slog.Logger
-	limiter    *limiter // nil when RATE_LIMIT is off
-	trustProxy int      // TRUST_PROXY
-	metrics    metrics
+	routes  http.Handler
+	logger  *slog.Logger
+	guard   *guard
+	metrics *metrics
 	// stopping is set by main on SIGTERM: from then on /healthz fails and
 	// every answer closes its connection.
 	stopping atomic.Bool
-	inFlight atomic.Int64
-	// warnedProxy is set once the X-Forwarded-For warning is logged.
-	warnedProxy atomic.Bool
 }
 
-// newServer returns the service's whole HTTP surface.
-func newServer(logger *slog.Logger, cfg config, spotify *spotifyClient) *server {
-	s := &server{logger: logger, trustProxy: cfg.trustProxy, metrics: metrics{start: time.Now()}}
-	if cfg.rateLimit > 0 {
-		s.limiter = newLimiter(cfg.rateLimit, cfg.ratePer)
-	}
+// newServer returns the service's whole HTTP surface: the token endpoints
+// in front of spotify, sealing refresh tokens where sealer is not nil,
+// accepting the redirect URIs callbackURLs, and calls from browsers on
+// corsOrigins.
+func newServer(logger *slog.Logger, g *guard, m *metrics, spotify *spotifyClient, sealer *sealer, callbackURLs, corsOrigins []string) *server {
+	s := &server{logger: logger, guard: g, metrics: m}
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/token", s.limit(handleToken(&s.metrics, spotify, cfg.sealer, cfg.callbackURLs)))
-	mux.Handle("POST /api/refresh_token", s.limit(handleRefresh(&s.metrics, spotify, cfg.sealer)))
+	mux.Handle("POST /api/token", s.limit(handleToken(m, spotify, sealer, callbackURLs)))
+	mux.Handle("POST /api/refresh_token", s.limit(handleRefresh(m, spotify, sealer)))
 	mux.Handle("GET /healthz", handleHealth(&s.stopping))
 	mux.Handle("GET /{$}", handleIndex())
 	// Other methods on those paths, and other paths, get JSON errors too.
@@ -66,16 +63,19 @@ func newServer(logger *slog.Logger, cfg config, spotify *spotifyClient) *server 
 	mux.Handle("/healthz", handleMethodNotAllowed("GET, HEAD"))
 	mux.Handle("/{$}", handleMethodNotAllowed("GET, HEAD"))
 	mux.Handle("/", handleNotFound())
-	s.routes = allowOrigins(cfg.corsOrigins, cleanPathsOnly(mux))
+	s.routes = allowOrigins(corsOrigins, cleanPathsOnly(mux))
 	return s
 }
 
 // ServeHTTP answers one request, then logs it and counts it.
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	s.inFlight.Add(1)
-	defer s.inFlight.Add(-1)
-	ex := &exchange{ResponseWriter: w, status: http.StatusOK, client: s.clientAddr(r)}
+	s.metrics.inFlight.Add(1)
+	defer s.metrics.inFlight.Add(-1)
+	ex := &exchange{ResponseWriter: w, status: http.StatusOK, client: s.guard.client(r), requestID: requestID(r)}
+	if ex.requestID != "" {
+		w.Header().Set("X-Request-Id", ex.requestID) // as logged, so that a user's report and the log line meet
+	}
 	if s.stopping.Load() {
 		// Keep-alive clients reconnect, and the load balancer sends them
 		// elsewhere, before the drain closes their idle connections.
@@ -85,6 +85,11 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	took := time.Since(start)
 	s.metrics.request(route(r.URL.Path), ex.status, ex.oauthError, took)
 	s.log(r, ex, took)
+	if ex.status == statusClientGone {
+		// Nothing was written, and nothing must be: net/http would send an
+		// empty 200 to a client that only half-closed. Close the connection.
+		panic(http.ErrAbortHandler)
+	}
 }
 
 // handleToken swaps an authorization code for tokens. OAuth client libraries
@@ -99,7 +104,7 @@ func handleToken(m *metrics, spotify *spotifyClient, sealer *sealer, callbackURL
 		switch p.grantType {
 		case "", "authorization_code":
 		case "refresh_token":
-			refresh(w, r, m, spotify, sealer, p)
+			forwardRefresh(w, r, m, spotify, sealer, p)
 			return
 		default:
 			writeError(w, errUnsupportedGrant)
@@ -120,6 +125,10 @@ func handleToken(m *metrics, spotify *spotifyClient, sealer *sealer, callbackURL
 		start := time.Now()
 		ans, err := spotify.exchangeCode(r.Context(), p.code, redirectURI, p.codeVerifier)
 		relay(w, r, m, ans, err, time.Since(start), sealer)
+		if ex := exchangeOf(w); ans.status/100 == 4 {
+			// Configuration, not a secret: what Spotify's "Invalid redirect URI" is about.
+			ex.reason += " (redirect_uri sent: " + redirectURI + ")"
+		}
 	})
 }
 
@@ -135,12 +144,12 @@ func handleRefresh(m *metrics, spotify *spotifyClient, sealer *sealer) http.Hand
 			writeError(w, &apiError{http.StatusBadRequest, "unsupported_grant_type", "grant_type must be refresh_token here; codes are swapped at /api/token"})
 			return
 		}
-		refresh(w, r, m, spotify, sealer, p)
+		forwardRefresh(w, r, m, spotify, sealer, p)
 	})
 }
 
-// refresh forwards a refresh request, opening a sealed refresh token first.
-func refresh(w http.ResponseWriter, r *http.Request, m *metrics, spotify *spotifyClient, sealer *sealer, p params) {
+// forwardRefresh forwards a refresh request, opening a sealed refresh token first.
+func forwardRefresh(w http.ResponseWriter, r *http.Request, m *metrics, spotify *spotifyClient, sealer *sealer, p params) {
 	token := p.refreshToken
 	if token == "" {
 		writeError(w, missing(r, p, "refresh_token"))
@@ -223,7 +232,7 @@ func handleIndex() http.Handler {
 func handleMethodNotAllowed(allow string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Allow", allow)
-		writeError(w, &apiError{http.StatusMethodNotAllowed, "invalid_request", "method " + r.Method + " is not allowed here; use " + allow})
+		writeError(w, &apiError{http.StatusMethodNotAllowed, "invalid_request", "method " + clip(r.Method) + " is not allowed here; use " + allow})
 	})
 }
 
@@ -458,7 +467,7 @@ func allowOrigins(origins []string, next http.Handler) http.Handler {
 			writeError(w, &apiError{http.StatusForbidden, "invalid_request", "no web page may call this service from a browser: CORS_ALLOWED_ORIGINS is not set"})
 			return
 		case preflight && !allowed:
-			writeError(w, &apiError{http.StatusForbidden, "invalid_request", "origin " + strconv.Quote(origin) + " may not call this service from a browser: it is not in CORS_ALLOWED_ORIGINS"})
+			writeError(w, &apiError{http.StatusForbidden, "invalid_request", "origin \"" + printable(origin) + "\" may not call this service from a browser: it is not in CORS_ALLOWED_ORIGINS"})
 			return
 		case !allowed:
 			next.ServeHTTP(w, r)
@@ -470,12 +479,12 @@ func allowOrigins(origins []string, next http.Handler) http.Handler {
 		h.Set("Access-Control-Allow-Origin", origin)
 		if preflight {
 			h.Set("Access-Control-Allow-Methods", "POST, OPTIONS")
-			h.Set("Access-Control-Allow-Headers", "Content-Type")
+			h.Set("Access-Control-Allow-Headers", "Content-Type, X-Request-Id")
 			h.Set("Access-Control-Max-Age", "7200") // the most Chromium keeps a preflight
 			w.WriteHeader(http.StatusNoContent)
 			return
 		}
-		h.Set("Access-Control-Expose-Headers", "Retry-After")
+		h.Set("Access-Control-Expose-Headers", "Retry-After, X-Request-Id")
 		next.ServeHTTP(w, r)
 	})
 }
@@ -485,7 +494,8 @@ func allowOrigins(origins []string, next http.Handler) http.Handler {
 type exchange struct {
 	http.ResponseWriter
 	status        int
-	client        netip.Addr // as the rate limiter sees it
+	client        netip.Addr // as the guard sees it
+	requestID     string     // the request's X-Request-Id, as logged
 	spotifyStatus int        // 0 where Spotify was not called or did not answer
 	oauthError    string     // the "error" of the answer, the service's own or Spotify's
 	reason        string     // why the answer is not a success, for the operator
@@ -512,16 +522,16 @@ func exchangeOf(w http.ResponseWriter) *exchange {
 func (s *server) log(r *http.Request, ex *exchange, took time.Duration) {
 	attrs := make([]slog.Attr, 0, 10)
 	attrs = append(attrs,
-		slog.String("method", r.Method),
-		slog.String("path", logPath(r.URL.Path)),
+		slog.String("method", clip(r.Method)), // a token: nothing to escape
+		slog.String("path", logPath(r.URL.EscapedPath())),
 		slog.Int("status", ex.status),
 		slog.Int64("duration_us", took.Microseconds()), // slog encodes floats slowly
 		slog.String("client", ex.client.String()))
 	if ex.spotifyStatus != 0 {
 		attrs = append(attrs, slog.Int("spotify_status", ex.spotifyStatus))
 	}
-	if id := requestID(r); id != "" {
-		attrs = append(attrs, slog.String("request_id", id))
+	if ex.requestID != "" {
+		attrs = append(attrs, slog.String("request_id", ex.requestID))
 	}
 	if ex.oauthError != "" {
 		attrs = append(attrs, slog.String("error", ex.oauthError))
@@ -536,14 +546,14 @@ func (s *server) log(r *http.Request, ex *exchange, took time.Duration) {
 	s.logger.LogAttrs(r.Context(), level, "request", attrs...)
 }
 
-// logPath is a request's path as the log shows it: a segment longer than
-// any of the service's, such as a code or a token a client put in the
-// path, is masked.
+// logPath is a request's path, escaped, as the log shows it: cut to
+// maxClientValue bytes, and with any segment longer than the service's own,
+// such as a code or a token a client put in the path, masked.
 func logPath(path string) string {
 	if len(path) <= maxPathSegment {
 		return path
 	}
-	segments := strings.Split(path, "/")
+	segments := strings.Split(clip(path), "/")
 	for i, s := range segments {
 		if len(s) > maxPathSegment {
 			segments[i] = "(" + strconv.Itoa(len(s)) + " characters)"
@@ -552,290 +562,45 @@ func logPath(path string) string {
 	return strings.Join(segments, "/")
 }
 
-// requestID returns the request's X-Request-Id, cut to maxRequestID bytes
-// and to printable ASCII, so that no client can flood or forge log lines.
+// requestID returns the request's X-Request-Id as the log and the answer
+// carry it.
 func requestID(r *http.Request) string {
-	id := r.Header.Get("X-Request-Id")
-	if len(id) > maxRequestID {
-		id = id[:maxRequestID]
-	}
+	return printable(r.Header.Get("X-Request-Id"))
+}
+
+// printable returns a header value a client chose, cut to maxClientValue
+// bytes and to printable ASCII, so that no client can flood or forge log
+// lines.
+func printable(s string) string {
 	return strings.Map(func(c rune) rune {
 		if c < ' ' || c > '~' {
 			return -1
 		}
 		return c
-	}, id)
+	}, clip(s))
 }
 
-// clientAddr is the address a request's rate limit and log line go by: the
-// TCP peer's, or with TRUST_PROXY=n the nth entry from the right of
-// X-Forwarded-For, which the n proxies in front appended.
-func (s *server) clientAddr(r *http.Request) netip.Addr {
-	peer, _ := netip.ParseAddrPort(r.RemoteAddr)
-	if s.trustProxy == 0 {
-		if s.limiter != nil && r.Header["X-Forwarded-For"] != nil && s.warnedProxy.CompareAndSwap(false, true) {
-			s.logger.Warn("a request came with X-Forwarded-For but TRUST_PROXY is 0: every client behind that proxy shares one rate limit; set TRUST_PROXY to the number of proxies in front")
-		}
-	} else if addr, ok := forwardedFor(r.Header.Values("X-Forwarded-For"), s.trustProxy); ok {
-		return addr.Unmap()
+// clip cuts s to maxClientValue bytes, at a UTF-8 boundary.
+func clip(s string) string {
+	if len(s) <= maxClientValue {
+		return s
 	}
-	return peer.Addr().Unmap()
-}
-
-// forwardedFor returns the nth entry from the right of X-Forwarded-For, the
-// headers read as one list in order; with fewer entries, the leftmost. ok is
-// false where there is none, or it is not an IP address.
-func forwardedFor(headers []string, n int) (addr netip.Addr, ok bool) {
-	entry := ""
-	for i := len(headers) - 1; i >= 0 && n > 0; i-- {
-		list := headers[i]
-		for n > 0 {
-			comma := strings.LastIndexByte(list, ',')
-			entry, n = list[comma+1:], n-1
-			if comma < 0 {
-				break
-			}
-			list = list[:comma]
-		}
+	i := maxClientValue
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
 	}
-	addr, err := netip.ParseAddr(strings.TrimSpace(entry)) // none: "", which is no address
-	return addr, err == nil
+	return s[:i]
 }
 
 // limit answers 429 to a client over RATE_LIMIT, before its body is read.
 func (s *server) limit(next http.Handler) http.Handler {
-	if s.limiter == nil {
-		return next
-	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if wait := s.limiter.wait(exchangeOf(w).client); wait > 0 {
-			s.metrics.rateLimited.Add(1)
+		if wait, hit := s.guard.allow(exchangeOf(w).client); wait > 0 {
 			seconds := strconv.Itoa(wholeSeconds(wait))
 			w.Header().Set("Retry-After", seconds)
-			writeError(w, &apiError{http.StatusTooManyRequests, "temporarily_unavailable", "too many requests from this address (RATE_LIMIT); retry in " + seconds + " s"})
+			writeError(w, &apiError{http.StatusTooManyRequests, "temporarily_unavailable", hit + " (RATE_LIMIT); retry in " + seconds + " s"})
 			return
 		}
 		next.ServeHTTP(w, r)
 	})
-}
-
-// maxClients bounds the limiter's table, whatever the number of distinct
-// addresses, forged ones included: about 5 MiB.
-const maxClients = 1 << 16
-
-// limiter is a rate limiter per client (GCRA, the token bucket's twin): a
-// client may make burst requests at once, then one every interval. The
-// IPv6 addresses of one /64, one subscriber's, count as one client.
-type limiter struct {
-	interval time.Duration
-	burst    time.Duration // how far ahead of now a client's schedule may run: (N-1) intervals
-	now      func() time.Time
-	epoch    time.Time // times in tat count from here: 8 bytes each, not time.Time's 24
-	mu       sync.Mutex
-	// tat is each client's theoretical arrival time: when it would have
-	// its burst back. A client whose tat has passed is as good as new, so
-	// it may be forgotten.
-	tat map[netip.Addr]time.Duration
-}
-
-// newLimiter allows n requests at once per client, and n per period.
-func newLimiter(n int, period time.Duration) *limiter {
-	interval := period / time.Duration(n)
-	return &limiter{interval: interval, burst: time.Duration(n-1) * interval, now: time.Now, epoch: time.Now(), tat: make(map[netip.Addr]time.Duration)}
-}
-
-// wait counts a request of client's and returns 0 if it may go ahead, or
-// else how long until it may.
-func (l *limiter) wait(client netip.Addr) time.Duration {
-	if client.Is6() {
-		prefix, _ := client.Prefix(64)
-		client = prefix.Addr()
-	}
-	now := l.now().Sub(l.epoch)
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	tat, known := l.tat[client]
-	if !known && len(l.tat) >= maxClients {
-		l.forget(now)
-	}
-	if !known || tat < now {
-		tat = now
-	}
-	if wait := tat - now - l.burst; wait > 0 {
-		return wait
-	}
-	l.tat[client] = tat + l.interval
-	return 0
-}
-
-// forget makes room in a full table: clients with their burst back go
-// first, then arbitrary others (Go's map order is random) down to three
-// quarters, so that a flood of new addresses sweeps once per quarter.
-func (l *limiter) forget(now time.Duration) {
-	for client, tat := range l.tat {
-		if tat <= now {
-			delete(l.tat, client)
-		}
-	}
-	for client := range l.tat {
-		if len(l.tat) < maxClients*3/4 {
-			break
-		}
-		delete(l.tat, client)
-	}
-}
-
-// The metrics count by route: a path a client chose must not become a label.
-const (
-	numRoutes   = 5
-	routeLabels = "token refresh_token healthz index other"
-)
-
-// route returns the index in routeLabels of a request's path.
-func route(path string) int {
-	if i := slices.Index([]string{"/api/token", "/api/refresh_token", "/healthz", "/"}, path); i >= 0 {
-		return i
-	}
-	return numRoutes - 1 // other
-}
-
-// metrics are the counters GET /metrics shows: fixed tables of atomic
-// counters, indexed by route and status, so that counting allocates nothing
-// and no client can add a series.
-type metrics struct {
-	start           time.Time
-	requests        [numRoutes][1000]atomic.Uint64 // by route and HTTP status
-	requestDuration [numRoutes]histogram
-	// spotifyCalls counts calls by Spotify's status; spotifyFailed those
-	// that got none, by spotifyFailures.
-	spotifyCalls    [1000]atomic.Uint64
-	spotifyFailed   [3]atomic.Uint64
-	spotifyDuration histogram
-	rateLimited     atomic.Uint64
-	errors          [numOAuthErrors]atomic.Uint64 // by oauthErrors
-}
-
-const (
-	// spotifyFailures label the calls to Spotify that gave no status.
-	spotifyFailures = "timeout unreachable canceled"
-	// oauthErrors label the answers that carry an OAuth error: RFC 6749's,
-	// and this service's not_found; any other counts as "other".
-	oauthErrors    = "invalid_request invalid_client invalid_grant unauthorized_client unsupported_grant_type invalid_scope server_error temporarily_unavailable not_found other"
-	numOAuthErrors = 10
-)
-
-func (m *metrics) request(route, status int, oauthError string, took time.Duration) {
-	m.requests[route][min(uint(status), 999)].Add(1)
-	m.requestDuration[route].observe(took)
-	if oauthError != "" { // not on the hot path: successes carry none
-		labels := strings.Fields(oauthErrors)
-		i := slices.Index(labels, oauthError)
-		if i < 0 {
-			i = len(labels) - 1
-		}
-		m.errors[i].Add(1)
-	}
-}
-
-func (m *metrics) spotifyCall(status int, err error, clientGone bool, took time.Duration) {
-	switch {
-	case clientGone:
-		m.spotifyFailed[2].Add(1)
-	case errors.Is(err, errSpotifyTimeout):
-		m.spotifyFailed[0].Add(1)
-	case errors.Is(err, errSpotifyUnreachable):
-		m.spotifyFailed[1].Add(1)
-	default:
-		m.spotifyCalls[min(uint(status), 999)].Add(1)
-	}
-	m.spotifyDuration.observe(took)
-}
-
-const numBuckets = 11
-
-// bucketBounds are the histograms' upper bounds, for a call to Spotify that
-// takes 50 ms to 10 s and an answer of the service's own that takes less.
-func bucketBounds() [numBuckets]time.Duration {
-	return [...]time.Duration{5e6, 10e6, 25e6, 50e6, 100e6, 250e6, 500e6, 1e9, 2.5e9, 5e9, 10e9}
-}
-
-// histogram counts durations per bucket, the last for those over every bound.
-type histogram struct {
-	counts [numBuckets + 1]atomic.Uint64
-	sum    atomic.Int64 // nanoseconds
-}
-
-func (h *histogram) observe(d time.Duration) {
-	i := 0
-	for bounds := bucketBounds(); i < len(bounds) && d > bounds[i]; i++ {
-	}
-	h.counts[i].Add(1)
-	h.sum.Add(int64(d))
-}
-
-// write prints h in the Prometheus text format; labels are the series'
-// own, such as handler="token", or "".
-func (h *histogram) write(w io.Writer, name, labels string) {
-	braces := ""
-	if labels != "" {
-		braces, labels = "{"+labels+"}", labels+","
-	}
-	var count uint64
-	for i, bound := range bucketBounds() {
-		count += h.counts[i].Load()
-		fmt.Fprintf(w, "%s_bucket{%sle=\"%g\"} %d\n", name, labels, bound.Seconds(), count)
-	}
-	count += h.counts[len(h.counts)-1].Load()
-	fmt.Fprintf(w, "%s_bucket{%sle=\"+Inf\"} %d\n", name, labels, count)
-	fmt.Fprintf(w, "%s_sum%s %g\n%s_count%s %d\n", name, braces, time.Duration(h.sum.Load()).Seconds(), name, braces, count)
-}
-
-// metricsHandler serves GET /metrics in the Prometheus text format 0.0.4,
-// for the listener on METRICS_ADDR.
-func (s *server) metricsHandler(version string) http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		m := &s.metrics
-		var b bytes.Buffer
-		family := func(name, kind, help string) { fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind) }
-		// counters prints the counters of a series that are not 0.
-		counters := func(name string, counts []atomic.Uint64, labels func(i int) string) {
-			for i := range counts {
-				if n := counts[i].Load(); n > 0 {
-					fmt.Fprintf(&b, "%s{%s} %d\n", name, labels(i), n)
-				}
-			}
-		}
-		routes := strings.Fields(routeLabels)
-		family("tokenswap_requests_total", "counter", "Requests answered, by handler and HTTP status (499: the client hung up).")
-		for route := range m.requests {
-			counters("tokenswap_requests_total", m.requests[route][:], func(code int) string { return fmt.Sprintf(`handler=%q,code="%d"`, routes[route], code) })
-		}
-		family("tokenswap_request_duration_seconds", "histogram", "Time to answer a request, by handler.")
-		for route := range m.requestDuration {
-			m.requestDuration[route].write(&b, "tokenswap_request_duration_seconds", `handler="`+routes[route]+`"`)
-		}
-		family("tokenswap_requests_in_flight", "gauge", "Requests being answered.")
-		fmt.Fprintf(&b, "tokenswap_requests_in_flight %d\n", s.inFlight.Load())
-		family("tokenswap_spotify_requests_total", "counter", "Calls to Spotify's token endpoint, by its status, or why it gave none.")
-		counters("tokenswap_spotify_requests_total", m.spotifyCalls[:], func(code int) string { return fmt.Sprintf(`code="%d"`, code) })
-		failures := strings.Fields(spotifyFailures)
-		counters("tokenswap_spotify_requests_total", m.spotifyFailed[:], func(i int) string { return fmt.Sprintf("code=%q", failures[i]) })
-		family("tokenswap_spotify_request_duration_seconds", "histogram", "Time a call to Spotify took.")
-		m.spotifyDuration.write(&b, "tokenswap_spotify_request_duration_seconds", "")
-		family("tokenswap_errors_total", "counter", "Answers that carry an OAuth error, the service's own or Spotify's, by error.")
-		errs := strings.Fields(oauthErrors)
-		counters("tokenswap_errors_total", m.errors[:], func(i int) string { return fmt.Sprintf("error=%q", errs[i]) })
-		family("tokenswap_rate_limited_total", "counter", "Requests refused for going over RATE_LIMIT.")
-		fmt.Fprintf(&b, "tokenswap_rate_limited_total %d\n", m.rateLimited.Load())
-		family("tokenswap_build_info", "gauge", "The version running, as a label; always 1.")
-		fmt.Fprintf(&b, "tokenswap_build_info{version=%q} 1\n", version)
-		family("go_goroutines", "gauge", "Number of goroutines that currently exist.")
-		fmt.Fprintf(&b, "go_goroutines %d\n", runtime.NumGoroutine())
-		family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.")
-		fmt.Fprintf(&b, "process_start_time_seconds %s\n", strconv.FormatFloat(float64(m.start.UnixMilli())/1e3, 'f', 3, 64))
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		w.Write(b.Bytes())
-	})
-	return mux
 }

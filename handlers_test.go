@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -161,7 +160,7 @@ func testEnv(accountsURL string, set map[string]string) map[string]string {
 // testConfig loads the test environment, overridden by env, or fails the test.
 func testConfig(t testing.TB, accountsURL string, env map[string]string) config {
 	t.Helper()
-	cfg, err := loadConfig(testEnv(accountsURL, env))
+	cfg, err := loadConfig(testEnv(accountsURL, env), nil)
 	if err != nil {
 		t.Fatalf("loadConfig: %v", err)
 	}
@@ -209,7 +208,7 @@ func startService(t testing.TB, answer spotifyFunc, env map[string]string, setup
 	cfg := testConfig(t, spotify.url, env)
 	log := &syncBuffer{}
 	client := testSpotifyClient(cfg)
-	svc := newServer(slog.New(slog.NewJSONHandler(log, nil)), cfg, client)
+	svc := wire(cfg, slog.New(slog.NewJSONHandler(log, nil)), client)
 	for _, f := range setup {
 		f(svc, client)
 	}
@@ -1043,7 +1042,7 @@ func TestCORS(t *testing.T) {
 			want := map[string]string{
 				"Access-Control-Allow-Origin":  page,
 				"Access-Control-Allow-Methods": "POST, OPTIONS",
-				"Access-Control-Allow-Headers": "Content-Type",
+				"Access-Control-Allow-Headers": "Content-Type, X-Request-Id",
 				"Access-Control-Max-Age":       "7200",
 				"Vary":                         "Origin",
 			}
@@ -1074,8 +1073,8 @@ func TestCORS(t *testing.T) {
 			t.Errorf("POST from %s = %d, Allow-Origin %q, Vary %q; want 200, %s, Origin", page, got.status,
 				got.header.Get("Access-Control-Allow-Origin"), got.header.Get("Vary"), page)
 		}
-		if got.header.Get("Access-Control-Expose-Headers") != "Retry-After" {
-			t.Errorf("POST from %s: Access-Control-Expose-Headers = %q, want Retry-After", page, got.header.Get("Access-Control-Expose-Headers"))
+		if got.header.Get("Access-Control-Expose-Headers") != "Retry-After, X-Request-Id" {
+			t.Errorf("POST from %s: Access-Control-Expose-Headers = %q, want Retry-After, X-Request-Id", page, got.header.Get("Access-Control-Expose-Headers"))
 		}
 		// The page must be able to read the error, too.
 		got = send(t, "POST", svc.url+tokenPath, jsonType, `{}`, "Origin", "http://127.0.0.1:5173")
@@ -1439,7 +1438,7 @@ func benchmarkSwap(b *testing.B, path, body string, env map[string]string) {
 	}))
 	defer spotify.Close()
 	cfg := testConfig(b, spotify.URL, env)
-	handler := newServer(slog.New(slog.NewJSONHandler(io.Discard, nil)), cfg, testSpotifyClient(cfg))
+	handler := wire(cfg, slog.New(slog.NewJSONHandler(io.Discard, nil)), testSpotifyClient(cfg))
 	b.ReportAllocs()
 	for b.Loop() {
 		r := httptest.NewRequest("POST", path, strings.NewReader(body))
@@ -1469,255 +1468,6 @@ func BenchmarkRefresh(b *testing.B) {
 		sealed := newTestSealer(b, testSecret).seal(raw)
 		benchmarkSwap(b, refreshPath, "grant_type=refresh_token&refresh_token="+sealed, map[string]string{"ENCRYPTION_SECRET": testSecret})
 	})
-}
-
-// TestForwardedFor checks which entry of X-Forwarded-For is the client's
-// with n proxies in front, each of which appends the address it saw.
-func TestForwardedFor(t *testing.T) {
-	t.Parallel()
-	tests := []struct {
-		name    string
-		headers []string
-		n       int
-		want    string // "" for none
-	}{
-		{"one proxy", []string{"203.0.113.7"}, 1, "203.0.113.7"},
-		{"one proxy, spoofed entries on the left", []string{"1.1.1.1, 8.8.8.8, 203.0.113.7"}, 1, "203.0.113.7"},
-		{"two proxies", []string{"1.1.1.1, 203.0.113.7, 10.0.0.2"}, 2, "203.0.113.7"},
-		{"fewer entries than proxies: the leftmost", []string{"203.0.113.7, 10.0.0.2"}, 3, "203.0.113.7"},
-		{"several headers are one list", []string{"1.1.1.1", "203.0.113.7, 10.0.0.2"}, 2, "203.0.113.7"},
-		{"several headers, across them", []string{"1.1.1.1, 203.0.113.7", "10.0.0.2"}, 2, "203.0.113.7"},
-		{"several headers, fewer entries", []string{"203.0.113.7", "10.0.0.2"}, 5, "203.0.113.7"},
-		{"spaces around entries", []string{" 1.1.1.1 ,  203.0.113.7 "}, 1, "203.0.113.7"},
-		{"IPv6", []string{"1.1.1.1, 2001:db8::7"}, 1, "2001:db8::7"},
-		{"IPv4-mapped IPv6", []string{"::ffff:203.0.113.7"}, 1, "::ffff:203.0.113.7"},
-		{"not an address", []string{"1.1.1.1, unknown"}, 1, ""},
-		{"an address with a port", []string{"203.0.113.7:4711"}, 1, ""},
-		{"garbage to the left does not matter", []string{"<script>, 203.0.113.7"}, 1, "203.0.113.7"},
-		{"garbage where the client would be", []string{"<script>, 203.0.113.7"}, 2, ""},
-		{"empty header", []string{""}, 1, ""},
-		{"no header", nil, 1, ""},
-	}
-	for _, tt := range tests {
-		addr, ok := forwardedFor(tt.headers, tt.n)
-		got := ""
-		if ok {
-			got = addr.String()
-		}
-		if got != tt.want {
-			t.Errorf("%s: forwardedFor(%q, %d) = %q, want %q", tt.name, tt.headers, tt.n, got, tt.want)
-		}
-	}
-}
-
-// TestClientAddr checks the address a request's rate limit and log line go
-// by, with and without proxies in front.
-func TestClientAddr(t *testing.T) {
-	t.Parallel()
-	tests := []struct {
-		name       string
-		trustProxy int
-		remote     string
-		xff        []string
-		want       string
-	}{
-		{"no proxy: X-Forwarded-For is ignored, anyone can send it", 0, "198.51.100.1:4242", []string{"203.0.113.7"}, "198.51.100.1"},
-		{"no proxy, IPv4-mapped peer", 0, "[::ffff:198.51.100.1]:4242", nil, "198.51.100.1"},
-		{"no proxy, IPv6 peer", 0, "[2001:db8::1]:4242", nil, "2001:db8::1"},
-		{"one proxy", 1, "10.0.0.1:4242", []string{"1.1.1.1, 203.0.113.7"}, "203.0.113.7"},
-		{"one proxy, mapped entry", 1, "10.0.0.1:4242", []string{"::ffff:203.0.113.7"}, "203.0.113.7"},
-		{"one proxy, no header: the peer", 1, "10.0.0.1:4242", nil, "10.0.0.1"},
-		{"one proxy, garbage: the peer", 1, "10.0.0.1:4242", []string{"unknown"}, "10.0.0.1"},
-	}
-	for _, tt := range tests {
-		s := &server{trustProxy: tt.trustProxy, logger: slog.New(slog.DiscardHandler)}
-		r := httptest.NewRequest("POST", tokenPath, nil)
-		r.RemoteAddr = tt.remote
-		for _, h := range tt.xff {
-			r.Header.Add("X-Forwarded-For", h)
-		}
-		if got := s.clientAddr(r).String(); got != tt.want {
-			t.Errorf("%s: clientAddr = %s, want %s", tt.name, got, tt.want)
-		}
-	}
-}
-
-// TestLimiter checks the bucket arithmetic: a burst of N, then one every
-// period/N, each client on its own, an IPv6 /64 as one client.
-func TestLimiter(t *testing.T) {
-	t.Parallel()
-	clock := newFakeClock()
-	l := newLimiter(3, time.Minute) // 3 at once, then one every 20 s
-	l.now = clock.now
-	a, b := netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("203.0.113.8")
-	for i := range 3 {
-		if wait := l.wait(a); wait != 0 {
-			t.Fatalf("request %d of a burst of 3: wait %v, want 0", i+1, wait)
-		}
-	}
-	if wait := l.wait(a); wait != 20*time.Second {
-		t.Errorf("4th request at once: wait %v, want 20s", wait)
-	}
-	if wait := l.wait(b); wait != 0 {
-		t.Errorf("another client's first request: wait %v, want 0", wait)
-	}
-	clock.advance(19*time.Second + 500*time.Millisecond)
-	if wait := l.wait(a); wait != 500*time.Millisecond {
-		t.Errorf("19.5 s later: wait %v, want 500ms", wait)
-	}
-	clock.advance(500 * time.Millisecond)
-	if wait := l.wait(a); wait != 0 {
-		t.Errorf("20 s later: wait %v, want 0 (one request earned back)", wait)
-	}
-	if wait := l.wait(a); wait != 20*time.Second {
-		t.Errorf("right after: wait %v, want 20s", wait)
-	}
-	clock.advance(time.Hour)
-	for i := range 3 {
-		if wait := l.wait(a); wait != 0 {
-			t.Errorf("an hour later, request %d: wait %v, want 0 (the whole burst back, no more)", i+1, wait)
-		}
-	}
-	if wait := l.wait(a); wait == 0 {
-		t.Errorf("an hour later, request 4: allowed, want refused: idle time must not pile up beyond the burst")
-	}
-
-	v6 := newLimiter(1, time.Hour)
-	v6.now = clock.now
-	if v6.wait(netip.MustParseAddr("2001:db8:1:2::1")) != 0 || v6.wait(netip.MustParseAddr("2001:db8:1:2:ffff::9")) == 0 {
-		t.Errorf("two addresses of one /64: want one bucket")
-	}
-	if v6.wait(netip.MustParseAddr("2001:db8:1:3::1")) != 0 {
-		t.Errorf("an address of the next /64: refused, want a bucket of its own")
-	}
-}
-
-// TestLimiterMemoryIsBounded floods the limiter with a million forged
-// addresses: its table stays within maxClients, clients whose bucket is full
-// again are forgotten first, and limiting goes on working.
-func TestLimiterMemoryIsBounded(t *testing.T) {
-	t.Parallel()
-	clock := newFakeClock()
-	l := newLimiter(2, time.Hour)
-	l.now = clock.now
-	addr := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}) }
-	for i := range 1_000_000 {
-		l.wait(addr(i))
-		if i%100_000 == 0 && len(l.tat) > maxClients {
-			t.Fatalf("after %d addresses the table holds %d clients, want at most %d", i+1, len(l.tat), maxClients)
-		}
-	}
-	if n := len(l.tat); n > maxClients || n < maxClients/2 {
-		t.Errorf("after a million addresses the table holds %d clients, want at most %d (and not emptied)", n, maxClients)
-	}
-	last := addr(999_999)
-	if l.wait(last) != 0 || l.wait(last) == 0 {
-		t.Errorf("the flood's last address: want its second request allowed and its third refused")
-	}
-	fresh := netip.MustParseAddr("192.0.2.1")
-	if l.wait(fresh) != 0 || l.wait(fresh) != 0 || l.wait(fresh) == 0 {
-		t.Errorf("a new client after the flood: want 2 requests allowed, then refused")
-	}
-
-	// Once their buckets are full again, the flood's clients make room
-	// before anyone still limited is dropped.
-	clock.advance(2 * time.Hour)
-	limited := netip.MustParseAddr("192.0.2.2")
-	l.wait(limited)
-	l.wait(limited)
-	full := len(l.tat) - 1             // all but limited have their burst back
-	for i := range maxClients - full { // up to the first sweep, and one past it
-		l.wait(netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)}))
-	}
-	if n := len(l.tat); n != maxClients-full+1 {
-		t.Errorf("after the sweep the table holds %d clients, want %d: the limited ones, and none of the %d with their burst back", n, maxClients-full+1, full)
-	}
-	if wait := l.wait(limited); wait == 0 {
-		t.Errorf("a limited client was forgotten while clients with full buckets were kept")
-	}
-}
-
-// TestRateLimit runs RATE_LIMIT through the whole handler stack: every POST
-// to a token endpoint counts, valid or not; nothing else does; a client over
-// the limit gets 429 with Retry-After, and Spotify is not called.
-func TestRateLimit(t *testing.T) {
-	t.Parallel()
-	svc := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "2/min", "CORS_ALLOWED_ORIGINS": "https://app.example.com"})
-	for range 5 {
-		send(t, "GET", svc.url+"/healthz", noneType, "")
-		send(t, "GET", svc.url+"/", noneType, "")
-		send(t, "OPTIONS", svc.url+tokenPath, noneType, "", "Origin", "https://app.example.com", "Access-Control-Request-Method", "POST")
-		send(t, "POST", svc.url+"/swap", formType, "code=a")
-		send(t, "GET", svc.url+tokenPath, noneType, "")
-	}
-	if got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDfirst"); got.status != 200 {
-		t.Fatalf("first POST = %d %s, want 200", got.status, got.body)
-	}
-	checkError(t, "second POST, no refresh_token", send(t, "POST", svc.url+refreshPath, formType, ""), 400, "invalid_request")
-	got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDthird", "Origin", "https://app.example.com")
-	checkError(t, "third POST", got, 429, "temporarily_unavailable")
-	if ra := got.header.Get("Retry-After"); ra != "30" {
-		t.Errorf("third POST: Retry-After = %q, want 30 (one request every 30 s)", ra)
-	}
-	if got.header.Get("Access-Control-Allow-Origin") != "https://app.example.com" {
-		t.Errorf("third POST: no Access-Control-Allow-Origin, so the page cannot read its 429")
-	}
-	checkError(t, "fourth POST, at the other endpoint", send(t, "POST", svc.url+refreshPath, jsonType, `{"refresh_token":"AQB"}`), 429, "temporarily_unavailable")
-	if got := send(t, "GET", svc.url+"/healthz", noneType, ""); got.status != 200 {
-		t.Errorf("GET /healthz over the limit = %d, want 200", got.status)
-	}
-	if forms := svc.spotify.received(); len(forms) != 1 {
-		t.Errorf("Spotify received %d requests, want 1: a refused request must not reach it", len(forms))
-	}
-	if n := svc.server.metrics.rateLimited.Load(); n != 2 {
-		t.Errorf("tokenswap_rate_limited_total = %d, want 2", n)
-	}
-	svc.close()
-	lines := logLines(t, svc.log.String())
-	last := lines[len(lines)-3] // the third POST
-	if last.Status != 429 || last.Error != "temporarily_unavailable" || !strings.Contains(last.Reason, "RATE_LIMIT") || last.Client != "127.0.0.1" {
-		t.Errorf("log line of a refused request = %+v, want 429 temporarily_unavailable, why (RATE_LIMIT), client 127.0.0.1", last)
-	}
-}
-
-// TestRateLimitBehindProxies checks that with TRUST_PROXY the limit goes by
-// the client's address that the proxy appended, not by what the client sent,
-// and that without it, a request through a proxy logs one warning.
-func TestRateLimitBehindProxies(t *testing.T) {
-	t.Parallel()
-	svc := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "1/h", "TRUST_PROXY": "1"})
-	post := func(xff string) int {
-		return send(t, "POST", svc.url+tokenPath, formType, "code=AQDproxy", "X-Forwarded-For", xff).status
-	}
-	if post("203.0.113.7") != 200 || post("203.0.113.8") != 200 {
-		t.Errorf("two clients behind the proxy: want each its own limit")
-	}
-	if got := post("198.51.100.99, 203.0.113.7"); got != 429 {
-		t.Errorf("client 203.0.113.7 again, with a forged entry on the left = %d, want 429", got)
-	}
-	svc.close()
-	if lines := logLines(t, svc.log.String()); lines[2].Client != "203.0.113.7" {
-		t.Errorf("log line client = %q, want 203.0.113.7", lines[2].Client)
-	}
-
-	unlimited := startService(t, likeSpotify, nil)
-	send(t, "POST", unlimited.url+tokenPath, formType, "code=AQDproxy", "X-Forwarded-For", "203.0.113.7")
-	unlimited.close()
-	if strings.Contains(unlimited.log.String(), "TRUST_PROXY") {
-		t.Errorf("without RATE_LIMIT, X-Forwarded-For warned of the rate limit:\n%s", unlimited.log)
-	}
-
-	direct := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "100/min"})
-	for range 3 {
-		send(t, "POST", direct.url+tokenPath, formType, "code=AQDproxy", "X-Forwarded-For", "203.0.113.7")
-	}
-	direct.close()
-	if n := strings.Count(direct.log.String(), "TRUST_PROXY is 0"); n != 1 {
-		t.Errorf("requests with X-Forwarded-For and TRUST_PROXY=0: %d warnings, want 1:\n%s", n, direct.log)
-	}
-	if lines := logLines(t, direct.log.String()); lines[len(lines)-1].Client != "127.0.0.1" {
-		t.Errorf("TRUST_PROXY=0: log line client = %q, want the TCP peer 127.0.0.1", lines[len(lines)-1].Client)
-	}
 }
 
 // TestBackoff checks that after Spotify's 429 with Retry-After, both
@@ -1752,7 +1502,7 @@ func TestBackoff(t *testing.T) {
 	if n := len(svc.spotify.received()); n != 1 {
 		t.Errorf("Spotify received %d requests, want 1: none during the back-off", n)
 	}
-	m := &svc.server.metrics
+	m := svc.server.metrics
 	timed := uint64(0)
 	for i := range m.spotifyDuration.counts {
 		timed += m.spotifyDuration.counts[i].Load()
@@ -1964,7 +1714,7 @@ func TestMetrics(t *testing.T) {
 	send(t, "GET", svc.url+"/.env?x=1", noneType, "")
 
 	scrape := httptest.NewRecorder()
-	svc.server.metricsHandler("v9.9.9-test").ServeHTTP(scrape, httptest.NewRequest("GET", "/metrics", nil))
+	svc.server.metrics.handler("v9.9.9-test").ServeHTTP(scrape, httptest.NewRequest("GET", "/metrics", nil))
 	body := scrape.Body.String()
 	if ct := scrape.Header().Get("Content-Type"); ct != "text/plain; version=0.0.4; charset=utf-8" {
 		t.Errorf("Content-Type = %q, want the Prometheus text format 0.0.4", ct)

@@ -23,6 +23,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -49,11 +50,11 @@ func main() {
 	defer stop()
 	// A second signal, during SHUTDOWN_DELAY or the drain, stops at once.
 	context.AfterFunc(ctx, stop)
-	env, found, err := readEnv(".env", os.Environ())
+	env, dotenv, err := readEnv(".env", os.Environ())
 	if err == nil {
-		err = run(ctx, os.Args[1:], env, os.Stdout, os.Stderr)
+		err = run(ctx, os.Args[1:], env, dotenv, os.Stdout, os.Stderr)
 	}
-	if errors.Is(err, errNotSet) && !found {
+	if errors.Is(err, errNotSet) && dotenv == nil {
 		dir, _ := os.Getwd()
 		err = fmt.Errorf("%w\n(no .env file in %s, the working directory: settings come from the environment alone)", err, dir)
 	}
@@ -73,47 +74,46 @@ type setupError struct{ err error }
 func (e setupError) Error() string { return e.err.Error() }
 func (e setupError) Unwrap() error { return e.err }
 
-// readEnv returns the environment, environ, over the settings of a .env file
-// at path: a variable already set wins. A missing file is no error, found
-// says whether there was one. godotenv's parse errors quote the file's
-// content, secrets included, so they are not passed on.
-func readEnv(path string, environ []string) (env map[string]string, found bool, err error) {
-	env, err = godotenv.Read(path)
+// readEnv returns the environment, environ, over the variables of a .env
+// file at path (a variable already set wins), and the file's own, nil where
+// there is no file. godotenv's parse errors quote the file's content,
+// secrets included, so they are not passed on.
+func readEnv(path string, environ []string) (env, dotenv map[string]string, err error) {
+	dotenv, err = godotenv.Read(path)
 	var pathErr *fs.PathError
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		env = map[string]string{}
+		dotenv = nil
 	case errors.As(err, &pathErr):
-		return nil, true, setupError{fmt.Errorf("reading %s: %w", path, pathErr.Err)}
+		return nil, nil, setupError{fmt.Errorf("reading %s: %w", path, pathErr.Err)}
 	case err != nil:
-		return nil, true, setupError{fmt.Errorf("%s does not parse: check the quoting and the variable names on each line", path)}
-	default:
-		found = true
+		return nil, nil, setupError{fmt.Errorf("%s does not parse: check the quoting and the variable names on each line", path)}
+	}
+	env = maps.Clone(dotenv)
+	if env == nil {
+		env = map[string]string{}
 	}
 	for _, kv := range environ {
 		if k, v, ok := strings.Cut(kv, "="); ok {
 			env[k] = v
 		}
 	}
-	return env, found, nil
+	return env, dotenv, nil
 }
 
-// usage is printed for -h and for a bad flag, before the flags.
+// usage is printed for -h and for a bad flag, before the settings and flags.
 const usage = `Usage: spotify-token-swap [-check | -healthcheck | -version]
 
 Without a flag it serves the token swap on $PORT until SIGINT or SIGTERM.
 Settings come from the environment and from the file .env in the working
-directory (a variable set in the environment wins); README.md explains each:
+directory (a variable set in the environment wins):
 
-  required  SPOTIFY_CLIENT_ID SPOTIFY_CLIENT_SECRET SPOTIFY_CLIENT_CALLBACK_URL
-  optional  %s
-
-Flags:
 `
 
 // run is the whole program behind main, with what comes from the operating
-// system passed in, so that tests can drive it.
-func run(ctx context.Context, args []string, env map[string]string, stdout, stderr io.Writer) error {
+// system passed in, so that tests can drive it: env is the environment
+// over .env, dotenv the .env file's own variables (nil without one).
+func run(ctx context.Context, args []string, env, dotenv map[string]string, stdout, stderr io.Writer) error {
 	flags := flag.NewFlagSet("spotify-token-swap", flag.ContinueOnError)
 	flags.SetOutput(io.Discard) // the usage is printed below, the error by main
 	showVersion := flags.Bool("version", false, "print the version and exit")
@@ -128,8 +128,11 @@ func run(ctx context.Context, args []string, env map[string]string, stdout, stde
 		if help {
 			out = stdout // asked for: not an error
 		}
-		names := strings.Fields(settings)
-		fmt.Fprintf(out, usage, strings.Join(names[3:8], " ")+"\n            "+strings.Join(names[8:], " "))
+		fmt.Fprint(out, usage)
+		for _, s := range settingsTable() {
+			fmt.Fprintf(out, "  %-28s %-29s %s\n", s.name, s.def, s.meaning)
+		}
+		fmt.Fprint(out, "\nFlags:\n")
 		flags.SetOutput(out)
 		flags.PrintDefaults()
 		if help {
@@ -145,7 +148,7 @@ func run(ctx context.Context, args []string, env map[string]string, stdout, stde
 	case *healthcheck:
 		return checkHealth(ctx, env)
 	}
-	cfg, err := loadConfig(env)
+	cfg, err := loadConfig(env, dotenv)
 	if err != nil {
 		return setupError{err}
 	}
@@ -163,7 +166,7 @@ func run(ctx context.Context, args []string, env map[string]string, stdout, stde
 	for _, w := range cfg.warnings {
 		logger.Warn(w)
 	}
-	svc := newServer(logger, cfg, spotify)
+	svc := wire(cfg, logger, spotify)
 	srv := newHTTPServer(cfg, svc, logger)
 	ln, err := net.Listen("tcp", srv.Addr)
 	if err != nil {
@@ -175,20 +178,28 @@ func run(ctx context.Context, args []string, env map[string]string, stdout, stde
 			ln.Close()
 			return fmt.Errorf("listen on METRICS_ADDR: %w", err)
 		}
-		metrics := newHTTPServer(cfg, svc.metricsHandler(buildVersion()), logger) // its limits too
-		go metrics.Serve(mln)
+		metrics := newHTTPServer(cfg, svc.metrics.handler(buildVersion()), logger) // its limits too
+		go metrics.Serve(svc.guard.limitConnections(mln, true))
 		defer metrics.Close()
 		logger.Info("serving metrics", "addr", mln.Addr().String())
 	}
 	logger.Info("listening", "addr", ln.Addr().String(), "version", buildVersion(),
 		"accounts_url", cfg.accountsURL, "sealing", cfg.sealer != nil, "cors", len(cfg.corsOrigins) > 0,
-		"rate_limit", cmp.Or(env["RATE_LIMIT"], "off"), "trust_proxy", cfg.trustProxy)
+		"rate_limit", cmp.Or(env["RATE_LIMIT"], "off"), "trust_proxy", cmp.Or(env["TRUST_PROXY"], "0"),
+		"connection_limit", cfg.connectionLimit)
 	logs.flush()
 	// Lines keep flowing until the very end, through the drain included.
 	flushing, stopFlushing := context.WithCancel(context.Background())
 	defer stopFlushing()
 	go logs.flushEvery(flushing, logFlushInterval)
-	return serve(ctx, srv, ln, svc, cfg, logger)
+	return serve(ctx, srv, svc.guard.limitConnections(ln, false), svc, cfg, logger)
+}
+
+// wire builds the service's HTTP surface, its guard and its metrics for cfg.
+func wire(cfg config, logger *slog.Logger, spotify *spotifyClient) *server {
+	m := &metrics{start: time.Now()}
+	g := newGuard(logger, m, cfg.trustProxy, cfg.limiter(), cfg.connectionLimit)
+	return newServer(logger, g, m, spotify, cfg.sealer, cfg.callbackURLs, cfg.corsOrigins)
 }
 
 // logBuffer gathers log lines and writes them in batches: one write per
@@ -271,7 +282,7 @@ func serve(ctx context.Context, srv *http.Server, ln net.Listener, svc *server, 
 	case <-ctx.Done():
 	}
 	svc.stopping.Store(true)
-	logger.Info("stopping", "in_flight", svc.inFlight.Load(), "delay", cfg.shutdownDelay.String())
+	logger.Info("stopping", "in_flight", svc.metrics.inFlight.Load(), "delay", cfg.shutdownDelay.String())
 	if cfg.shutdownDelay > 0 {
 		delay := time.NewTimer(cfg.shutdownDelay)
 		select {
@@ -279,14 +290,14 @@ func serve(ctx context.Context, srv *http.Server, ln net.Listener, svc *server, 
 		case err := <-errc:
 			return fmt.Errorf("serve: %w", err)
 		}
-		logger.Info("draining", "in_flight", svc.inFlight.Load(), "grace", cfg.shutdownTimeout.String())
+		logger.Info("draining", "in_flight", svc.metrics.inFlight.Load(), "grace", cfg.shutdownTimeout.String())
 	}
 	// A fresh context: ctx is already done, and Shutdown with it would
 	// return at once and drop the requests in flight.
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx); err != nil {
-		logger.Warn("stopped before every request had finished", "in_flight", svc.inFlight.Load(), "error", err.Error())
+		logger.Warn("stopped before every request had finished", "in_flight", svc.metrics.inFlight.Load(), "error", err.Error())
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	logger.Info("stopped")
@@ -335,28 +346,53 @@ func checkCredentials(ctx context.Context, spotify *spotifyClient, accountsURL s
 	if ans.status != http.StatusOK {
 		code, description := oauthError(ans.body)
 		why := cmp.Or(strings.TrimSuffix(code+": "+description, ": "), "the answer is not an OAuth error")
+		if code == "invalid_client" {
+			why += ": check SPOTIFY_CLIENT_ID and SPOTIFY_CLIENT_SECRET against the app's settings in the Spotify dashboard"
+		}
 		return fmt.Errorf("check: %s answered %d: %s", accountsURL, ans.status, why)
 	}
 	fmt.Fprintf(stdout, "ok: credentials accepted by %s\n", accountsURL)
 	return nil
 }
 
-const (
-	// settings names every variable the service reads, the required ones first.
-	settings = "SPOTIFY_CLIENT_ID SPOTIFY_CLIENT_SECRET SPOTIFY_CLIENT_CALLBACK_URL " +
-		"PORT SPOTIFY_ACCOUNTS_URL SPOTIFY_TIMEOUT ENCRYPTION_SECRET CORS_ALLOWED_ORIGINS " +
-		"RATE_LIMIT TRUST_PROXY SHUTDOWN_DELAY METRICS_ADDR"
-	// settingPrefixes start the names that, unknown, are likely typos of a setting.
-	settingPrefixes = "SPOTIFY_ CORS_ ENCRYPTION_ RATE_ TRUST_ METRICS_ SHUTDOWN_"
+// setting is one variable the service reads, as -h shows it.
+type setting struct{ name, def, meaning string }
 
-	defaultPort        = "8080"
-	defaultAccountsURL = "https://accounts.spotify.com"
-	defaultTimeout     = 10 * time.Second
-	shutdownGrace      = 10 * time.Second
-	maxHeaderBytes     = 64 << 10
-	logBufferSize      = 64 << 10
-	logFlushInterval   = 100 * time.Millisecond
-	maxTrustProxy      = 10
+// settingsTable lists the variables the service reads, the required ones
+// first. README.md's table and .env.example say the same; a test keeps the
+// three in agreement.
+func settingsTable() []setting {
+	return []setting{
+		{"SPOTIFY_CLIENT_ID", "required", "the app's client ID, from the Spotify dashboard"},
+		{"SPOTIFY_CLIENT_SECRET", "required", "the app's client secret"},
+		{"SPOTIFY_CLIENT_CALLBACK_URL", "required", "the redirect URIs registered with Spotify, comma-separated; the first is used when a client sends none (the iOS SDK never does)"},
+		{"PORT", defaultPort, "the TCP port to listen on, on all interfaces"},
+		{"SPOTIFY_ACCOUNTS_URL", defaultAccountsURL, "the base URL of Spotify's accounts service (for tests and staging)"},
+		{"SPOTIFY_TIMEOUT", defaultTimeout.String(), "the limit for one whole call to Spotify"},
+		{"ENCRYPTION_SECRET", "off", "seal the refresh tokens handed to apps: secrets of 32+ characters, comma-separated; the first seals, each one opens"},
+		{"CORS_ALLOWED_ORIGINS", "off", "origins of web pages allowed to call from a browser, comma-separated, or *"},
+		{"RATE_LIMIT", "off", "requests each client address may make to the token endpoints: N/s, N/min or N/h, or off"},
+		{"TRUST_PROXY", "0", "where the client address comes from: 0 (the TCP peer), a count of proxies, trusted proxy addresses and ranges, or a header name"},
+		{"CONNECTION_LIMIT", strconv.Itoa(defaultConnectionLimit), "connections one client address may hold open at once, or off"},
+		{"SHUTDOWN_DELAY", "0s", "after SIGTERM, keep serving this long with /healthz failing, then drain"},
+		{"METRICS_ADDR", "off", "host:port of a second listener for GET /metrics (Prometheus)"},
+	}
+}
+
+const (
+	// settingPrefixes start the names that, unknown, are likely typos of a setting.
+	settingPrefixes = "SPOTIFY_ CORS_ ENCRYPTION_ RATE_ TRUST_ METRICS_ SHUTDOWN_ CONNECTION_"
+
+	defaultPort            = "8080"
+	defaultAccountsURL     = "https://accounts.spotify.com"
+	defaultTimeout         = 10 * time.Second
+	defaultConnectionLimit = 256 // far above one carrier NAT's users: a swap is one short request an hour
+	// maxHeaderBytes caps a request's headers at 16 KiB in all: net/http
+	// reads 4 KiB past it.
+	maxHeaderBytes   = 16<<10 - 4<<10
+	logBufferSize    = 64 << 10
+	logFlushInterval = 100 * time.Millisecond
+	maxTrustProxy    = 10
 
 	// The placeholders of .env.example, refused so that a copied but
 	// unfilled .env fails at start rather than at Spotify.
@@ -394,50 +430,74 @@ type config struct {
 	// once, earning one back every ratePer/rateLimit; 0 when RATE_LIMIT is off.
 	rateLimit int
 	ratePer   time.Duration
-	// trustProxy is how many reverse proxies in front of the service append
-	// to X-Forwarded-For; 0 trusts none and takes the TCP peer's address.
-	trustProxy int
+	// trustProxy says where the client address comes from.
+	trustProxy trustProxy
+	// connectionLimit caps the connections of one client address; 0 when off.
+	connectionLimit int
 	// shutdownDelay is how long the service keeps serving after SIGTERM,
 	// with /healthz failing, before it drains.
 	shutdownDelay time.Duration
 	// metricsAddr is the host:port of the /metrics listener, or "" for none.
 	metricsAddr string
-	// warnings name the variables that look like settings but are none.
+	// warnings are problems that do not stop the service, such as
+	// variables that look like settings but are none.
 	warnings []string
 
 	// The server's own limits: fixed, but fields so that tests can shorten them.
 	readHeaderTimeout, readTimeout, idleTimeout time.Duration
-	// shutdownTimeout bounds the drain; it is never shorter than one call
-	// to Spotify, which may already have consumed a single-use code.
+	// shutdownTimeout bounds the drain: as long as a request may take, its
+	// read and its call to Spotify, which may already have consumed a
+	// single-use code.
 	shutdownTimeout time.Duration
 }
 
-// loadConfig reads and checks every setting, and reports all problems at once.
-func loadConfig(env map[string]string) (config, error) {
+// limiter returns a rate limiter for RATE_LIMIT, or nil when it is off.
+func (cfg config) limiter() *limiter {
+	if cfg.rateLimit == 0 {
+		return nil
+	}
+	return newLimiter(cfg.rateLimit, cfg.ratePer)
+}
+
+// loadConfig reads and checks every setting in env, the environment over
+// dotenv, the .env file's, and reports all problems at once.
+func loadConfig(env, dotenv map[string]string) (config, error) {
 	var problems []error
+	var warnings []string
 	problem := func(format string, args ...any) { problems = append(problems, fmt.Errorf(format, args...)) }
 	get := func(name string) string {
 		v := strings.TrimSpace(env[name])
-		if len(v) >= 2 && (v[0] == '"' || v[0] == '\'') && v[len(v)-1] == v[0] {
+		switch {
+		case len(v) >= 2 && (v[0] == '"' || v[0] == '\'') && v[len(v)-1] == v[0]:
 			problem("%s is in quotes, which docker's --env-file keeps as part of the value: write it without them", name)
+		case strings.Contains(v, " #"):
+			problem("%s has a comment after \" #\", which docker's --env-file keeps as part of the value: put the comment on a line of its own", name)
 		}
 		return v
+	}
+	// hides reports whether the environment sets name empty while .env
+	// gives it a value: the empty one wins.
+	hides := func(name string) bool {
+		return strings.TrimSpace(env[name]) == "" && strings.TrimSpace(dotenv[name]) != ""
 	}
 	cfg := config{
 		clientID:          get("SPOTIFY_CLIENT_ID"),
 		clientSecret:      get("SPOTIFY_CLIENT_SECRET"),
 		port:              cmp.Or(get("PORT"), defaultPort),
 		metricsAddr:       get("METRICS_ADDR"),
+		connectionLimit:   defaultConnectionLimit,
 		readHeaderTimeout: 5 * time.Second,
 		readTimeout:       10 * time.Second,
 		idleTimeout:       60 * time.Second,
 	}
 
 	required := func(name, value, placeholder string) {
-		switch value {
-		case "":
+		switch {
+		case hides(name):
+			problem("%s is empty in the environment, which hides the value that .env gives it: unset the variable, or set it", name)
+		case value == "":
 			problem("%s is %w", name, errNotSet)
-		case placeholder:
+		case value == placeholder:
 			problem("%s is still the placeholder from .env.example", name)
 		}
 	}
@@ -455,6 +515,9 @@ func loadConfig(env map[string]string) (config, error) {
 		case parsed.Opaque != "": // localhost:3000/cb is scheme localhost
 			problem("SPOTIFY_CLIENT_CALLBACK_URL: %q has no // after %q: write the whole URL, such as http://127.0.0.1:3000/callback or myapp://callback", u, parsed.Scheme+":")
 		default:
+			if parsed.Hostname() == "localhost" {
+				warnings = append(warnings, fmt.Sprintf("SPOTIFY_CLIENT_CALLBACK_URL: %q is on localhost, which Spotify refuses in redirect URIs: register and use 127.0.0.1 or [::1] instead", u))
+			}
 			cfg.callbackURLs = append(cfg.callbackURLs, u)
 		}
 	}
@@ -488,7 +551,7 @@ func loadConfig(env map[string]string) (config, error) {
 	}
 	cfg.spotifyTimeout = duration("SPOTIFY_TIMEOUT", defaultTimeout, "positive")
 	cfg.shutdownDelay = duration("SHUTDOWN_DELAY", 0, "non-negative")
-	cfg.shutdownTimeout = max(shutdownGrace, cfg.spotifyTimeout+time.Second)
+	cfg.shutdownTimeout = cfg.readTimeout + cfg.spotifyTimeout + time.Second
 
 	if s := get("ENCRYPTION_SECRET"); s != "" {
 		secrets := splitList(s)
@@ -516,6 +579,8 @@ func loadConfig(env map[string]string) (config, error) {
 			case o == "*":
 			case strings.ContainsFunc(o, func(r rune) bool { return r > unicode.MaxASCII }):
 				problem("CORS_ALLOWED_ORIGINS: %q: browsers send a host that is not ASCII in its punycode form (xn--...); write it as the browser's Origin header shows it", o)
+			case err == nil && u.Host != "" && u.Scheme+"://"+u.Host != o && strings.HasPrefix(o, u.Scheme+"://"+u.Host+"/"):
+				problem("CORS_ALLOWED_ORIGINS: %q has a path, which an origin never has: write %s", o, u.Scheme+"://"+u.Host)
 			case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
 				u.Scheme+"://"+u.Host != o || strings.ToLower(o) != o:
 				problem("CORS_ALLOWED_ORIGINS: %q is not an origin such as https://app.example.com (lower case, no path, no trailing slash)", o)
@@ -537,8 +602,16 @@ func loadConfig(env map[string]string) (config, error) {
 	}
 	if s := get("TRUST_PROXY"); s != "" {
 		var err error
-		if cfg.trustProxy, err = strconv.Atoi(s); err != nil || cfg.trustProxy < 0 || cfg.trustProxy > maxTrustProxy {
-			problem("TRUST_PROXY: %q is not a number of proxies from 0 to %d", s, maxTrustProxy)
+		if cfg.trustProxy, err = parseTrustProxy(s); err != nil {
+			problems = append(problems, err)
+		}
+	}
+	if s := get("CONNECTION_LIMIT"); s == "off" {
+		cfg.connectionLimit = 0
+	} else if s != "" {
+		var err error
+		if cfg.connectionLimit, err = strconv.Atoi(s); err != nil || cfg.connectionLimit <= 0 {
+			problem("CONNECTION_LIMIT: %q is not a number of connections such as %d, nor off", s, defaultConnectionLimit)
 		}
 	}
 	if cfg.metricsAddr != "" {
@@ -550,7 +623,12 @@ func loadConfig(env map[string]string) (config, error) {
 		}
 	}
 
-	cfg.warnings = lookalikes(env)
+	for _, s := range settingsTable()[3:] {
+		if hides(s.name) {
+			warnings = append(warnings, fmt.Sprintf("%s is empty in the environment, which hides the value that .env gives it: it is %s; unset the variable to use .env's", s.name, s.def))
+		}
+	}
+	cfg.warnings = append(warnings, lookalikes(env)...)
 	if len(problems) > 0 {
 		for _, w := range cfg.warnings {
 			problems = append(problems, errors.New(w))
@@ -559,51 +637,86 @@ func loadConfig(env map[string]string) (config, error) {
 	return cfg, errors.Join(problems...)
 }
 
+// parseTrustProxy reads TRUST_PROXY: a number of proxies, a header name, or
+// a list of trusted proxy addresses and ranges.
+func parseTrustProxy(s string) (trustProxy, error) {
+	var t trustProxy
+	if n, err := strconv.Atoi(s); err == nil {
+		if n < 0 || n > maxTrustProxy {
+			return t, fmt.Errorf("TRUST_PROXY: %q is not a number of proxies from 0 to %d", s, maxTrustProxy)
+		}
+		t.hops = n
+		return t, nil
+	}
+	headerName := func(r rune) bool {
+		return r == '-' || '0' <= r && r <= '9' || 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z'
+	}
+	if strings.Contains(s, "-") && !strings.ContainsFunc(s, func(r rune) bool { return !headerName(r) }) {
+		if strings.EqualFold(s, "X-Forwarded-For") {
+			return t, errors.New("TRUST_PROXY: X-Forwarded-For is a list that clients add to: give the number of proxies in front, or their addresses")
+		}
+		t.header = http.CanonicalHeaderKey(s)
+		return t, nil
+	}
+	for _, item := range splitList(s) {
+		p, err := netip.ParsePrefix(item)
+		if addr, err2 := netip.ParseAddr(item); err2 == nil {
+			p, err = addr.Unmap().WithZone("").Prefix(addr.Unmap().BitLen())
+		}
+		switch {
+		case err != nil:
+			return t, fmt.Errorf("TRUST_PROXY: %q is neither a number of proxies from 0 to %d, a header name such as Fly-Client-IP, nor a list of proxy addresses and ranges such as 10.0.0.0/8", s, maxTrustProxy)
+		case p.Bits() == 0:
+			return t, fmt.Errorf("TRUST_PROXY: %s trusts every address: anyone could choose their own; list the proxies' ranges", item)
+		}
+		t.proxies = append(t.proxies, p.Masked())
+	}
+	return t, nil
+}
+
 // lookalikes warns of each variable that looks like a setting but is none,
-// such as SPOTIFY_CLIENT_SECERT, naming the closest setting. It never shows
-// a value.
+// such as SPOTIFY_CLIENT_SECERT or RATELIMIT, naming the closest setting. It
+// never shows a value.
 func lookalikes(env map[string]string) []string {
-	known, prefixes := strings.Fields(settings), strings.Fields(settingPrefixes)
+	settings := settingsTable()
 	var warnings []string
 	for name := range env {
-		if slices.Contains(known, name) || !slices.ContainsFunc(prefixes, func(p string) bool { return strings.HasPrefix(name, p) }) {
+		if slices.ContainsFunc(settings, func(s setting) bool { return s.name == name }) {
 			continue
 		}
-		warnings = append(warnings, fmt.Sprintf("%s is not a setting of this service: a typo of %s?", name, closest(name, known)))
+		closest, distance := "", 0
+		for _, s := range settings {
+			d := editDistance(shape(name), shape(s.name))
+			if closest == "" || d < distance {
+				closest, distance = s.name, d
+			}
+		}
+		if distance == 0 || slices.ContainsFunc(strings.Fields(settingPrefixes), func(p string) bool { return strings.HasPrefix(name, p) }) {
+			warnings = append(warnings, fmt.Sprintf("%s is not a setting of this service: a typo of %s?", name, closest))
+		}
 	}
 	slices.Sort(warnings)
 	return warnings
 }
 
-// closest returns the setting most like name: the one with most words in
-// common (the first word counting twice, and the names other services use,
-// REDIRECT and URI, as this one's CALLBACK and URL), then the fewest edits.
-func closest(name string, known []string) string {
-	alias := map[string]string{"REDIRECT": "CALLBACK", "URI": "URL"}
-	words := func(s string) []string {
-		w := strings.Split(s, "_")
-		for i := range w {
-			w[i] = cmp.Or(alias[w[i]], w[i])
-		}
-		return w
+// shape is a variable's name as look-alikes compare it: with this
+// service's words for other services' (CALLBACK URL for REDIRECT URI, TRUST
+// PROXY for TRUSTED PROXIES), without underscores, and without the SPOTIFY
+// and CLIENT they may put in front.
+func shape(name string) string {
+	words := strings.Split(name, "_")
+	ours := map[string]string{"REDIRECT": "CALLBACK", "URI": "URL", "TRUSTED": "TRUST", "PROXIES": "PROXY",
+		"METRIC": "METRICS", "ORIGIN": "ORIGINS", "CONNECTIONS": "CONNECTION"}
+	for i, w := range words {
+		words[i] = cmp.Or(ours[w], w)
 	}
-	nameWords := words(name)
-	common := func(setting string) int {
-		b := words(setting)
-		n := 0
-		for _, w := range nameWords[1:] {
-			if slices.Contains(b, w) {
-				n++
-			}
+	s := strings.Join(words, "")
+	for _, front := range []string{"SPOTIFY", "CLIENT"} {
+		if rest, ok := strings.CutPrefix(s, front); ok && rest != "" {
+			s = rest
 		}
-		if nameWords[0] == b[0] {
-			n += 2
-		}
-		return n
 	}
-	return slices.MinFunc(known, func(a, b string) int {
-		return cmp.Or(cmp.Compare(common(b), common(a)), cmp.Compare(editDistance(name, a), editDistance(name, b)))
-	})
+	return s
 }
 
 // editDistance is the Levenshtein distance between a and b.

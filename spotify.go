@@ -207,8 +207,8 @@ func form(pairs ...string) string {
 // isJSONObject reports whether b is one JSON object, as every answer of the
 // token endpoint is.
 func isJSONObject(b []byte) bool {
-	i := skipSpace(b, 0)
-	return i < len(b) && b[i] == '{' && json.Valid(b)
+	trimmed := bytes.TrimLeft(b, " \t\r\n")
+	return len(trimmed) > 0 && trimmed[0] == '{' && json.Valid(b)
 }
 
 // oauthError returns the error and error_description members of an OAuth
@@ -285,96 +285,32 @@ func (s *sealer) open(sealed string) (string, error) {
 }
 
 // sealAnswer returns a token answer, a valid JSON object, with the value of
-// its refresh_token member sealed; every other byte stays as Spotify sent it.
-// An answer without a refresh token gets none.
+// each refresh_token member sealed; every other byte stays as Spotify sent
+// it. An answer without a refresh token gets none.
 func (s *sealer) sealAnswer(body []byte) []byte {
 	var out []byte
 	copied := 0
-	eachMember(body, func(key []byte, start, end int) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.Token() // the {
+	for dec.More() {
+		key, _ := dec.Token()
+		var value json.RawMessage // as sent, without the spaces around it
 		var token string
-		if !isKey(key, "refresh_token") || json.Unmarshal(body[start:end], &token) != nil || token == "" {
-			return // not it, or null: nothing to seal
+		if dec.Decode(&value) != nil {
+			break
 		}
-		out = append(out, body[copied:start]...)
+		if key != "refresh_token" || json.Unmarshal(value, &token) != nil || token == "" {
+			continue // not it, or null: nothing to seal
+		}
+		end := int(dec.InputOffset())
+		out = append(out, body[copied:end-len(value)]...)
 		out = append(out, '"')
 		out = append(out, s.seal(token)...)
 		out = append(out, '"')
 		copied = end
-	})
+	}
 	if out == nil {
 		return body
 	}
 	return append(out, body[copied:]...)
-}
-
-// eachMember calls f with the key, quotes included, and the span of the value
-// of each top-level member of obj, a valid JSON object. (encoding/json's
-// Decoder would do, at ten times the cost of the whole seal.)
-func eachMember(obj []byte, f func(key []byte, start, end int)) {
-	i := skipSpace(obj, 0) + 1 // past the {
-	for {
-		i = skipSpace(obj, i)
-		if i >= len(obj) || obj[i] != '"' {
-			return // the closing }
-		}
-		keyEnd := valueEnd(obj, i)
-		start := skipSpace(obj, skipSpace(obj, keyEnd)+1) // past the :
-		if start >= len(obj) {
-			return
-		}
-		end := valueEnd(obj, start)
-		f(obj[i:keyEnd], start, end)
-		i = skipSpace(obj, end) + 1 // past the , or the }
-	}
-}
-
-// valueEnd returns where the JSON value that starts at obj[i] ends.
-func valueEnd(obj []byte, i int) int {
-	depth, inString := 0, false
-	for j := i; j < len(obj); j++ {
-		switch c := obj[j]; {
-		case inString && c == '\\':
-			j++ // the escaped character
-		case inString && c == '"':
-			inString = false
-			if depth == 0 {
-				return j + 1
-			}
-		case inString:
-		case c == '"':
-			inString = true
-		case c == '{' || c == '[':
-			depth++
-		case c == '}' || c == ']':
-			if depth == 0 {
-				return j // a number or literal before its object's end
-			}
-			if depth--; depth == 0 {
-				return j + 1
-			}
-		case depth == 0 && (c == ',' || isSpace(c)):
-			return j
-		}
-	}
-	return len(obj)
-}
-
-// skipSpace returns the index of the first byte from i on that is not JSON
-// white space.
-func skipSpace(b []byte, i int) int {
-	for i < len(b) && isSpace(b[i]) {
-		i++
-	}
-	return i
-}
-
-func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\r' || c == '\n' }
-
-// isKey reports whether key, a JSON string with its quotes, spells name.
-func isKey(key []byte, name string) bool {
-	if !bytes.ContainsRune(key, '\\') {
-		return len(key) == len(name)+2 && string(key[1:len(key)-1]) == name
-	}
-	var k string
-	return json.Unmarshal(key, &k) == nil && k == name
 }
