@@ -125,7 +125,7 @@ func handleToken(m *metrics, spotify *spotifyClient, sealer *sealer, callbackURL
 		start := time.Now()
 		ans, err := spotify.exchangeCode(r.Context(), p.code, redirectURI, p.codeVerifier)
 		relay(w, r, m, ans, err, time.Since(start), sealer)
-		if ex := exchangeOf(w); ans.status/100 == 4 {
+		if ex := exchangeOf(w); ex.oauthError == "invalid_grant" {
 			// Configuration, not a secret: what Spotify's "Invalid redirect URI" is about.
 			ex.reason += " (redirect_uri sent: " + redirectURI + ")"
 		}
