@@ -47,18 +47,18 @@ func newGuard(logger *slog.Logger, m *metrics, trust trustProxy, limiter *limite
 
 // client returns the address of r's client, by TRUST_PROXY.
 func (g *guard) client(r *http.Request) netip.Addr {
-	peer, _ := netip.ParseAddrPort(r.RemoteAddr)
-	client, forwarded := peer.Addr().Unmap(), r.Header.Values("X-Forwarded-For")
+	ap, _ := netip.ParseAddrPort(r.RemoteAddr)
+	peer, forwarded := ap.Addr().Unmap(), r.Header.Values("X-Forwarded-For")
 	switch t := g.trust; {
 	case t.header != "":
 		values := r.Header.Values(t.header)
 		if values == nil && forwarded == nil {
-			return client // not through the platform's proxy: its own health check
+			return peer // not through the platform's proxy: its own health check
 		}
-		return g.pick(lastEntry(values), client)
+		return g.pick(lastEntry(values), peer)
 	case t.hops > 0:
 		if forwarded == nil {
-			return client // not through the proxies: their own health check
+			return peer // not through the proxies: their own health check
 		}
 		n, selected := 0, ""
 		for entry := range fromRight(forwarded) {
@@ -66,15 +66,16 @@ func (g *guard) client(r *http.Request) netip.Addr {
 				break
 			}
 		}
-		return g.pick(selected, client) // fewer entries: the leftmost
+		return g.pick(selected, peer) // fewer entries: the leftmost
 	case t.proxies != nil:
-		if !t.trusted(client) {
-			return client
+		client := peer
+		if !t.trusted(peer) {
+			return peer
 		}
 		for entry := range fromRight(forwarded) {
 			addr, ok := parseEntry(entry)
 			if !ok || !t.trusted(addr) {
-				return g.pick(entry, client)
+				return g.pick(entry, peer)
 			}
 			client = addr // all trusted: the leftmost
 		}
@@ -83,7 +84,7 @@ func (g *guard) client(r *http.Request) netip.Addr {
 	if forwarded != nil && g.limiter != nil && g.warnedHeader.CompareAndSwap(false, true) {
 		g.logger.Warn("a request came with X-Forwarded-For but TRUST_PROXY is 0: every client behind that proxy shares one rate limit; set TRUST_PROXY as the docs say for the platform")
 	}
-	return client
+	return peer
 }
 
 // pick returns the address in entry, the one TRUST_PROXY selects. Where
@@ -113,7 +114,10 @@ func fromRight(lines []string) iter.Seq[string] {
 		for i := len(lines) - 1; i >= 0; i-- {
 			for list := lines[i]; ; {
 				comma := strings.LastIndexByte(list, ',')
-				if !yield(list[comma+1:]) || comma < 0 {
+				if !yield(list[comma+1:]) {
+					return
+				}
+				if comma < 0 {
 					break
 				}
 				list = list[:comma]
@@ -212,7 +216,7 @@ type limiter struct {
 	// host and network are the limits of an address (or /64) and of a /48.
 	host, network struct{ interval, burst time.Duration }
 	now           func() time.Time
-	epoch         time.Time // times in tat count from here: 8 bytes each, not time.Time's 24
+	epoch         time.Time // times in tat count from here: 8 bytes each, not time.Time's 24, and never negative
 	mu            sync.Mutex
 	// tat is each client's theoretical arrival time: when it would have
 	// its whole allowance back. A client whose tat has passed is as good
@@ -224,9 +228,10 @@ type limiter struct {
 	fullUntil time.Duration
 }
 
-// newLimiter allows n requests at once per client, and n per period.
-func newLimiter(n int, period time.Duration) *limiter {
-	l := &limiter{now: time.Now, epoch: time.Now(), tat: make(map[clientKey]time.Duration)}
+// newLimiter allows n requests at once per client, and n per period, by
+// the clock now (time.Now, or a test's).
+func newLimiter(n int, period time.Duration, now func() time.Time) *limiter {
+	l := &limiter{now: now, epoch: now(), tat: make(map[clientKey]time.Duration)}
 	l.host.interval = period / time.Duration(n)
 	l.host.burst = time.Duration(n-1) * l.host.interval
 	l.network.interval = l.host.interval / 16
@@ -261,7 +266,7 @@ func (l *limiter) wait(client netip.Addr) (time.Duration, string) {
 	for i, key := range keys[:n] {
 		tat, known := l.tat[key]
 		if !known {
-			unknown++
+			tat, unknown = now, unknown+1
 		}
 		tats[i] = max(tat, now)
 		if _, burst := l.limits(key); tats[i]-now-burst > wait {

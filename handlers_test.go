@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -304,7 +303,7 @@ func send(t testing.TB, method, url, contentType, body string, header ...string)
 		req.Header.Set("Content-Type", contentType)
 	}
 	for i := 0; i+1 < len(header); i += 2 {
-		req.Header.Set(header[i], header[i+1])
+		req.Header.Add(header[i], header[i+1]) // a name twice: two lines
 	}
 	// The bound turns a service that hangs into a failure, not a stuck test.
 	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
@@ -1542,6 +1541,8 @@ func TestLogSaysWhy(t *testing.T) {
 		case "AQDscope":
 			w.WriteHeader(400)
 			io.WriteString(w, `{"error":"invalid_scope"}`)
+		case "AQDother":
+			spotifyError(w, 400, "invalid_grant", "Invalid redirect URI")
 		case "AQDbare":
 			w.WriteHeader(418)
 			io.WriteString(w, `{}`)
@@ -1562,7 +1563,8 @@ func TestLogSaysWhy(t *testing.T) {
 		wantLevel   string
 	}{
 		{"client secret reset", "POST", tokenPath, formType, "code=AQDreset", nil, 400, "invalid_client", "Spotify: Invalid client secret", "INFO"},
-		{"a user's stale code", "POST", tokenPath, formType, "code=used", nil, 400, "invalid_grant", "Spotify: Invalid authorization code", "INFO"},
+		{"a user's stale code", "POST", tokenPath, formType, "code=used", nil, 400, "invalid_grant", "Spotify: Invalid authorization code (redirect_uri sent: testapp://callback)", "INFO"},
+		{"a code for another redirect URI", "POST", tokenPath, formType, "code=AQDother&redirect_uri=https%3A%2F%2Fapp.example.com%2Fcallback", nil, 400, "invalid_grant", "Spotify: Invalid redirect URI (redirect_uri sent: https://app.example.com/callback)", "INFO"},
 		{"Spotify answers HTML", "POST", tokenPath, formType, "code=AQDhtml", nil, 502, "server_error", "not a JSON object", "WARN"},
 		{"Spotify's error without a description", "POST", tokenPath, formType, "code=AQDscope", nil, 400, "invalid_scope", "Spotify: invalid_scope", "INFO"},
 		{"Spotify's answer with no error at all", "POST", tokenPath, formType, "code=AQDbare", nil, 418, "", "Spotify: status 418", "INFO"},
@@ -1606,57 +1608,119 @@ func TestLogSaysWhy(t *testing.T) {
 // Spotify failing.
 func TestClientHangsUp(t *testing.T) {
 	t.Parallel()
-	arrived, cancelled := make(chan struct{}), make(chan struct{})
-	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
-		close(arrived)
-		<-r.Context().Done() // the service cancels its call
-		close(cancelled)
-	}, nil)
-	ctx, hangUp := context.WithCancel(t.Context())
-	req, _ := http.NewRequestWithContext(ctx, "POST", svc.url+tokenPath, strings.NewReader("code=AQDleaving"))
-	req.Header.Set("Content-Type", formType)
-	go func() {
-		<-arrived
-		hangUp()
-	}()
-	if _, err := http.DefaultClient.Do(req); err == nil {
-		t.Fatalf("the request succeeded, want it cancelled")
-	}
-	select {
-	case <-cancelled:
-	case <-time.After(10 * time.Second): // a bound, should the call never be cancelled
-		t.Fatalf("the call to Spotify was not cancelled when the client left")
-	}
-	svc.close() // waits for the handler, and so for the log line
-	lines := logLines(t, svc.log.String())
-	if l := lines[0]; len(lines) != 1 || l.Status != 499 || l.Level != "INFO" || !strings.Contains(l.Reason, "client hung up") ||
-		strings.Contains(svc.log.String(), "could not be reached") || l.Error != "" {
-		t.Errorf("log = %s, want one INFO line with status 499, why, and no word of Spotify failing", svc.log)
-	}
-	if n := svc.server.metrics.spotifyFailed[2].Load(); n != 1 {
-		t.Errorf(`tokenswap_spotify_requests_total{code="canceled"} = %d, want 1`, n)
+	request := "POST /api/token HTTP/1.1\r\nHost: x\r\nContent-Type: " + formType + "\r\nContent-Length: 15\r\n\r\ncode=AQDleaving"
+	for _, how := range []string{"closes", "half-closes"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			arrived, cancelled := make(chan struct{}), make(chan struct{})
+			svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				close(arrived)
+				<-r.Context().Done() // the service cancels its call
+				close(cancelled)
+			}, nil)
+			conn, err := net.Dial("tcp", strings.TrimPrefix(svc.url, "http://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(10 * time.Second)) // a bound, should the service hang
+			io.WriteString(conn, request)
+			<-arrived
+			if how == "closes" {
+				conn.Close()
+			} else {
+				conn.(*net.TCPConn).CloseWrite() // as nc -N does
+				if got, err := io.ReadAll(conn); len(got) != 0 || err != nil {
+					t.Errorf("after a half-close the service wrote %q (%v), want nothing and the connection closed", got, err)
+				}
+			}
+			select {
+			case <-cancelled:
+			case <-time.After(10 * time.Second): // a bound, should the call never be cancelled
+				t.Fatalf("the call to Spotify was not cancelled when the client left")
+			}
+			svc.close() // waits for the handler, and so for the log line
+			lines := logLines(t, svc.log.String())
+			if l := lines[0]; len(lines) != 1 || l.Status != 499 || l.Level != "INFO" || !strings.Contains(l.Reason, "client hung up") ||
+				strings.Contains(svc.log.String(), "could not be reached") || l.Error != "" {
+				t.Errorf("log = %s, want one INFO line with status 499, why, and no word of Spotify failing", svc.log)
+			}
+			if n := svc.server.metrics.spotifyFailed[2].Load(); n != 1 {
+				t.Errorf(`tokenswap_spotify_requests_total{code="canceled"} = %d, want 1`, n)
+			}
+			if n := svc.server.metrics.requests[0][499].Load(); n != 1 {
+				t.Errorf(`tokenswap_requests_total{handler="token",code="499"} = %d, want 1`, n)
+			}
+		})
 	}
 }
 
-// TestRequestIDInTheLog checks that X-Request-Id reaches the log cut to 128
-// characters, printable ones only.
+// TestRequestIDInTheLog checks that X-Request-Id reaches the log, and
+// comes back in the answer, cut to 128 bytes, printable ones only.
 func TestRequestIDInTheLog(t *testing.T) {
 	t.Parallel()
 	svc := startService(t, likeSpotify, nil)
 	long := strings.Repeat("0123456789abcdef", 400) // 6.4 KB
-	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Request-Id", long)
-	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Request-Id", "req-1\t\xc3\xa9-end")
-	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Request-Id", "trace 7 ~!")
+	tests := []struct{ sent, want string }{
+		{long, long[:128]},
+		{"req-1\t\xc3\xa9-end", "req-1-end"},
+		{"trace 7 ~!", "trace 7 ~!"},
+		{strings.Repeat("\xc3\xa9", 64) + "abc", ""}, // the cut comes first
+	}
+	for _, tt := range tests {
+		got := send(t, "GET", svc.url+"/healthz", noneType, "", "X-Request-Id", tt.sent)
+		if id := got.header.Get("X-Request-Id"); id != tt.want {
+			t.Errorf("X-Request-Id %q: the answer carries %q, want %q", tt.sent, id, tt.want)
+		}
+	}
 	svc.close()
-	lines := logLines(t, svc.log.String())
-	if got := lines[0].RequestID; got != long[:128] {
-		t.Errorf("a 6.4 KB X-Request-Id is logged as %d characters, want the first 128", len(got))
+	for i, line := range logLines(t, svc.log.String()) {
+		if line.RequestID != tests[i].want {
+			t.Errorf("X-Request-Id %q is logged as %q, want %q", tests[i].sent, line.RequestID, tests[i].want)
+		}
 	}
-	if got := lines[1].RequestID; got != "req-1-end" {
-		t.Errorf("X-Request-Id with a tab and bytes past ASCII is logged as %q, want req-1-end", got)
+}
+
+// TestClientValuesAreCut sends requests whose every value a client chooses
+// is as long as the header limit allows, and made of what escapes worst:
+// no log line and no answer may pass 2 KiB, and a description quotes at
+// most 128 bytes of what the client sent.
+func TestClientValuesAreCut(t *testing.T) {
+	t.Parallel()
+	const size = 12 << 10
+	svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com", "RATE_LIMIT": "1000/s", "TRUST_PROXY": "1"})
+	backslashes, quotes := strings.Repeat(`\`, size), strings.Repeat(`"`, size)
+	segments := strings.Repeat("/%01", size/4)
+	tests := []struct {
+		method, path string
+		header       []string
+		wantStatus   int
+	}{
+		{"OPTIONS", tokenPath, []string{"Origin", backslashes, "Access-Control-Request-Method", "POST"}, 403},
+		{"OPTIONS", tokenPath, []string{"Origin", "https://app.example.com" + strings.Repeat("\xff", size), "Access-Control-Request-Method", "POST"}, 403},
+		{strings.Repeat("M", size), tokenPath, []string{"X-Request-Id", quotes}, 405},
+		{"GET", segments, []string{"X-Request-Id", backslashes}, 404},
+		{"GET", strings.Repeat("/a", size/2), nil, 404},
+		{"POST", tokenPath, []string{"X-Forwarded-For", "[fe80::1%" + strings.Repeat("z", size) + "]:80"}, 400},
+		{"POST", tokenPath, []string{"X-Forwarded-For", strings.Repeat("\\", size)}, 400},
 	}
-	if got := lines[2].RequestID; got != "trace 7 ~!" {
-		t.Errorf("X-Request-Id of printable ASCII, space included, is logged as %q, want it whole", got)
+	for _, tt := range tests {
+		got := send(t, tt.method, svc.url+tt.path, formType, "", tt.header...)
+		if got.status != tt.wantStatus || len(got.body) > 2048 {
+			t.Errorf("%.20s %.20s...: %d with a body of %d bytes, want %d and at most 2 KiB", tt.method, tt.path, got.status, len(got.body), tt.wantStatus)
+		}
+		if d := checkJSON(t, tt.method+" "+tt.path[:10], got)["error_description"]; strings.Contains(fmt.Sprint(d), strings.Repeat(`\`, 129)) || strings.Contains(fmt.Sprint(d), strings.Repeat("M", 129)) {
+			t.Errorf("%.20s %.20s...: the description quotes more than 128 bytes of the request: %.300s", tt.method, tt.path, d)
+		}
+	}
+	svc.close()
+	for _, line := range strings.Split(strings.TrimSpace(svc.log.String()), "\n") {
+		if len(line) > 2048 {
+			t.Errorf("a log line of %d bytes, want at most 2 KiB: %.300s...", len(line), line)
+		}
+	}
+	if n := strings.Count(svc.log.String(), "\n"); n != len(tests)+1 { // the fallback's warning
+		t.Errorf("%d log lines, want %d:\n%s", n, len(tests)+1, svc.log)
 	}
 }
 

@@ -456,7 +456,7 @@ func (cfg config) limiter() *limiter {
 	if cfg.rateLimit == 0 {
 		return nil
 	}
-	return newLimiter(cfg.rateLimit, cfg.ratePer)
+	return newLimiter(cfg.rateLimit, cfg.ratePer, time.Now)
 }
 
 // loadConfig reads and checks every setting in env, the environment over
@@ -515,7 +515,7 @@ func loadConfig(env, dotenv map[string]string) (config, error) {
 		case parsed.Opaque != "": // localhost:3000/cb is scheme localhost
 			problem("SPOTIFY_CLIENT_CALLBACK_URL: %q has no // after %q: write the whole URL, such as http://127.0.0.1:3000/callback or myapp://callback", u, parsed.Scheme+":")
 		default:
-			if parsed.Hostname() == "localhost" {
+			if strings.EqualFold(parsed.Hostname(), "localhost") {
 				warnings = append(warnings, fmt.Sprintf("SPOTIFY_CLIENT_CALLBACK_URL: %q is on localhost, which Spotify refuses in redirect URIs: register and use 127.0.0.1 or [::1] instead", u))
 			}
 			cfg.callbackURLs = append(cfg.callbackURLs, u)

@@ -188,7 +188,23 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"secret placeholder", map[string]string{"ENCRYPTION_SECRET": placeholderSecret}, []string{"ENCRYPTION_SECRET is still the placeholder"}},
 		{"secret short", map[string]string{"ENCRYPTION_SECRET": strings.Repeat("s", 31)}, []string{"ENCRYPTION_SECRET: secret 1 of the list has 31 characters"}},
 		{"second secret short", map[string]string{"ENCRYPTION_SECRET": testSecret + ",short"}, []string{"ENCRYPTION_SECRET: secret 2 of the list has 5 characters"}},
-		{"origin with path", map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com/"}, []string{`CORS_ALLOWED_ORIGINS: "https://app.example.com/"`}},
+		{"origin with a trailing slash", map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com/"}, []string{`CORS_ALLOWED_ORIGINS: "https://app.example.com/" has a path, which an origin never has: write https://app.example.com`}},
+		{"origin with a path, as GitHub Pages shows it", map[string]string{"CORS_ALLOWED_ORIGINS": "https://user.github.io/repo"}, []string{"write https://user.github.io"}},
+		{"origin a prefix of another's", map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com, https://"}, []string{`CORS_ALLOWED_ORIGINS: "https://" is not an origin`}},
+		{"secret with an inline comment, as docker --env-file keeps it", map[string]string{"SPOTIFY_CLIENT_SECRET": "abc-secret-value # prod"}, []string{`SPOTIFY_CLIENT_SECRET has a comment after " #"`}},
+		{"rate limit with an inline comment", map[string]string{"RATE_LIMIT": "10/min # for now"}, []string{`RATE_LIMIT has a comment after " #"`, `RATE_LIMIT: "10/min # for now"`}},
+		{"rate limit in quotes", map[string]string{"RATE_LIMIT": `'10/min'`}, []string{"RATE_LIMIT is in quotes", `RATE_LIMIT: "'10/min'"`}},
+		{"accounts URL on a look-alike of localhost", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://localhost.attacker.example"}, []string{"plain http to another machine"}},
+		{"accounts URL on a name made of a loopback address", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://127.0.0.1.nip.io:8080"}, []string{"plain http to another machine"}},
+		{"accounts URL on the unspecified address", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://0.0.0.0:8080"}, []string{"plain http to another machine"}},
+		{"accounts URL in capitals, in clear", map[string]string{"SPOTIFY_ACCOUNTS_URL": "HTTP://accounts.spotify.com"}, []string{"plain http to another machine"}},
+		{"accounts URL with a user on loopback", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://localhost@accounts.spotify.com"}, []string{"must not hold a user or password"}},
+		{"trust proxy trusting everyone", map[string]string{"TRUST_PROXY": "10.0.0.0/8, 0.0.0.0/0"}, []string{"0.0.0.0/0 trusts every address"}},
+		{"trust proxy X-Forwarded-For by name", map[string]string{"TRUST_PROXY": "X-Forwarded-For"}, []string{"X-Forwarded-For is a list that clients add to"}},
+		{"trust proxy with an empty item", map[string]string{"TRUST_PROXY": "10.0.0.1,,10.0.0.2"}, []string{`TRUST_PROXY: "10.0.0.1,,10.0.0.2" is neither`}},
+		{"connection limit of zero", map[string]string{"CONNECTION_LIMIT": "0"}, []string{`CONNECTION_LIMIT: "0"`}},
+		{"connection limit negative", map[string]string{"CONNECTION_LIMIT": "-1"}, []string{`CONNECTION_LIMIT: "-1"`}},
+		{"connection limit in words", map[string]string{"CONNECTION_LIMIT": "many"}, []string{`CONNECTION_LIMIT: "many"`}},
 		{"origin without scheme", map[string]string{"CORS_ALLOWED_ORIGINS": "app.example.com"}, []string{`CORS_ALLOWED_ORIGINS: "app.example.com"`}},
 		{"origin in capitals", map[string]string{"CORS_ALLOWED_ORIGINS": "https://App.example.com"}, []string{`CORS_ALLOWED_ORIGINS: "https://App.example.com"`}},
 		{"star among origins", map[string]string{"CORS_ALLOWED_ORIGINS": "*, https://app.example.com"}, []string{"* allows every origin and must stand alone"}},
@@ -239,13 +255,47 @@ func TestLoadConfigProblems(t *testing.T) {
 			if lines := strings.Count(err.Error(), "\n") + 1; lines != len(tt.want) {
 				t.Errorf("loadConfig error has %d problems, want %d:\n%v", lines, len(tt.want), err)
 			}
-			secrets := append(splitList(tt.env["ENCRYPTION_SECRET"]), tt.env["SPOTIFY_CLIENT_SECRET"], testClientSecret, "hunter2-password", "quoted-secret-value")
+			secrets := append(splitList(tt.env["ENCRYPTION_SECRET"]), tt.env["SPOTIFY_CLIENT_SECRET"], testClientSecret, "hunter2-password", "quoted-secret-value", "abc-secret-value")
 			for _, secret := range secrets {
 				if secret != "" && strings.Contains(err.Error(), secret) {
 					t.Errorf("loadConfig error %q shows the secret %q", err, secret)
 				}
 			}
 		})
+	}
+}
+
+// TestEmptyVariablesHideDotenv checks that a setting the environment sets
+// empty while .env gives it a value is reported: an error for a required
+// one, a warning for the others, which take their defaults; and a callback
+// URL on localhost, which Spotify refuses, gets a warning.
+func TestEmptyVariablesHideDotenv(t *testing.T) {
+	t.Parallel()
+	dotenv := map[string]string{
+		"SPOTIFY_CLIENT_SECRET": "secret-from-dotenv",
+		"ENCRYPTION_SECRET":     testSecret,
+		"CORS_ALLOWED_ORIGINS":  "https://app.example.com",
+		"RATE_LIMIT":            "10/min",
+	}
+	env := testEnv("https://accounts.spotify.com", map[string]string{"SPOTIFY_CLIENT_SECRET": "", "ENCRYPTION_SECRET": " ", "CORS_ALLOWED_ORIGINS": ""})
+	_, err := loadConfig(env, dotenv)
+	if err == nil || !strings.Contains(err.Error(), "SPOTIFY_CLIENT_SECRET is empty in the environment, which hides the value that .env gives it") ||
+		strings.Contains(err.Error(), "SPOTIFY_CLIENT_SECRET is not set") || strings.Contains(err.Error(), "secret-from-dotenv") {
+		t.Errorf("loadConfig with SPOTIFY_CLIENT_SECRET= over .env's = %v, want the hidden value named, not shown", err)
+	}
+	env["SPOTIFY_CLIENT_SECRET"] = testClientSecret
+	env["RATE_LIMIT"] = "10/min" // the environment's own: nothing hidden
+	env["SPOTIFY_CLIENT_CALLBACK_URL"] = "http://localhost:8888/callback, myapp://cb, http://127.0.0.1:8888/callback, http://LocalHost/cb"
+	cfg, err := loadConfig(env, dotenv)
+	want := []string{
+		`SPOTIFY_CLIENT_CALLBACK_URL: "http://localhost:8888/callback" is on localhost, which Spotify refuses in redirect URIs: register and use 127.0.0.1 or [::1] instead`,
+		`SPOTIFY_CLIENT_CALLBACK_URL: "http://LocalHost/cb" is on localhost, which Spotify refuses in redirect URIs: register and use 127.0.0.1 or [::1] instead`,
+		"ENCRYPTION_SECRET is empty in the environment, which hides the value that .env gives it: it is off; unset the variable to use .env's",
+		"CORS_ALLOWED_ORIGINS is empty in the environment, which hides the value that .env gives it: it is off; unset the variable to use .env's",
+	}
+	if err != nil || !slices.Equal(cfg.warnings, want) || cfg.sealer != nil || cfg.corsOrigins != nil || len(cfg.callbackURLs) != 4 {
+		t.Errorf("loadConfig with ENCRYPTION_SECRET and CORS_ALLOWED_ORIGINS empty over .env's: %v, warnings\n%s\nwant\n%s\nand sealing and CORS off, every callback kept",
+			err, strings.Join(cfg.warnings, "\n"), strings.Join(want, "\n"))
 	}
 }
 
@@ -673,6 +723,55 @@ func TestShutdownLetsRequestsFinish(t *testing.T) {
 	}
 	if strings.Contains(log.String(), `"msg":"draining"`) {
 		t.Errorf("without SHUTDOWN_DELAY the log says draining, which marks the delay's end:\n%s", log.String())
+	}
+}
+
+// TestDrainOutlastsASlowRequest stops the service while a request is still
+// sending its body, which Spotify then takes its time to answer: the drain
+// waits for the whole of it, the 10 s read limit plus SPOTIFY_TIMEOUT, and
+// the client gets Spotify's answer.
+func TestDrainOutlastsASlowRequest(t *testing.T) {
+	t.Parallel()
+	spotify := newFakeSpotify(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		time.Sleep(1500 * time.Millisecond) // a slow Spotify, not a synchronisation
+		likeSpotify(w, r, form)
+	})
+	cfg := testConfig(t, spotify.url, map[string]string{"SPOTIFY_TIMEOUT": "3s"}) // a drain of 14 s
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logger := slog.New(slog.DiscardHandler)
+	svc := wire(cfg, logger, testSpotifyClient(cfg))
+	srv := newHTTPServer(cfg, svc, logger)
+	active := make(chan struct{})
+	srv.ConnState = func(_ net.Conn, state http.ConnState) {
+		if state == http.StateActive {
+			close(active)
+		}
+	}
+	ctx, stop := context.WithCancel(t.Context())
+	served := make(chan error, 1)
+	go func() { served <- serve(ctx, srv, ln, svc, cfg, logger) }()
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	body := "code=AQDslowly"
+	fmt.Fprintf(conn, "POST /api/token HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", len(body))
+	<-active
+	stop() // SIGTERM, the body still to come: 9 s of it, then 1.5 s of Spotify's
+	for i := range body {
+		time.Sleep(9 * time.Second / time.Duration(len(body)))
+		io.WriteString(conn, body[i:i+1])
+	}
+	answer, _ := io.ReadAll(conn)
+	if !strings.HasPrefix(string(answer), "HTTP/1.1 200 OK") || !strings.HasSuffix(string(answer), tokenJSON("at-AQDslowly", "rt-AQDslowly")) {
+		t.Errorf("a request that outlasts SPOTIFY_TIMEOUT and the default 10 s grace, within its read limit and SPOTIFY_TIMEOUT: %q, want Spotify's answer", answer)
+	}
+	if err := <-served; err != nil {
+		t.Errorf("serve = %v, want nil: the drain is as long as a request may take", err)
 	}
 }
 
