@@ -445,6 +445,7 @@ func TestConnectionLimit(t *testing.T) {
 		t.Errorf("CONNECTION_LIMIT=off: the listener is wrapped")
 	}
 }
+
 // TestRateLimit runs RATE_LIMIT through the whole handler stack: every POST
 // to a token endpoint counts, valid or not; nothing else does; a client over
 // the limit gets 429 with Retry-After, and Spotify is not called.
@@ -537,7 +538,6 @@ func TestRateLimitBehindProxies(t *testing.T) {
 		t.Errorf("TRUST_PROXY=0: log line client = %q, want the TCP peer 127.0.0.1", lines[len(lines)-1].Client)
 	}
 }
-
 
 // TestRateLimitPerSecond drives N/s through HTTP with a fake clock: a
 // burst of N, then one every 1/N s, and the Retry-After of a wait under a
