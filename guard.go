@@ -354,36 +354,30 @@ func (l *cappedListener) Accept() (net.Conn, error) {
 		if !l.direct && l.g.trust.trusted(peer.Addr().Unmap()) {
 			return conn, nil
 		}
-		key, _, _ := keysOf(peer.Addr())
-		if l.g.open(key) {
-			return &countedConn{Conn: conn, release: func() { l.g.closed(key) }}, nil
+		if key, _, _ := keysOf(peer.Addr()); l.g.hold(key, 1) {
+			return &countedConn{Conn: conn, release: func() { l.g.hold(key, -1) }}, nil
 		}
 		conn.Close()
 	}
 }
 
-// open counts a new connection of key's, or refuses it over the cap.
-func (g *guard) open(key clientKey) bool {
+// hold counts n more connections of key's open (n may be -1) and reports
+// whether that is within CONNECTION_LIMIT; a connection over it is refused,
+// and not counted.
+func (g *guard) hold(key clientKey, n int) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.conns[key] >= g.connLimit {
+	if n > 0 && g.conns[key]+n > g.connLimit {
 		g.metrics.connectionsRefused.Add(1)
 		if g.warnedConns.CompareAndSwap(false, true) {
 			g.logger.Warn("a client address holds CONNECTION_LIMIT connections: more from it are closed at once", "limit", g.connLimit)
 		}
 		return false
 	}
-	g.conns[key]++
-	return true
-}
-
-// closed counts a connection of key's closed.
-func (g *guard) closed(key clientKey) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.conns[key]--; g.conns[key] <= 0 {
+	if g.conns[key] += n; g.conns[key] <= 0 {
 		delete(g.conns, key)
 	}
+	return true
 }
 
 // countedConn releases its place under the cap when it is first closed.

@@ -53,8 +53,8 @@ type server struct {
 func newServer(logger *slog.Logger, g *guard, m *metrics, spotify *spotifyClient, sealer *sealer, callbackURLs, corsOrigins []string) *server {
 	s := &server{logger: logger, guard: g, metrics: m}
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/token", s.limit(handleToken(m, spotify, sealer, callbackURLs)))
-	mux.Handle("POST /api/refresh_token", s.limit(handleRefresh(m, spotify, sealer)))
+	mux.Handle("POST /api/token", s.limit(handleGrant(false, m, spotify, sealer, callbackURLs)))
+	mux.Handle("POST /api/refresh_token", s.limit(handleGrant(true, m, spotify, sealer, callbackURLs)))
 	mux.Handle("GET /healthz", handleHealth(&s.stopping))
 	mux.Handle("GET /{$}", handleIndex())
 	// Other methods on those paths, and other paths, get JSON errors too.
@@ -92,60 +92,48 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// handleToken swaps an authorization code for tokens. OAuth client libraries
-// that use one token endpoint for both grants send refresh requests here too.
-func handleToken(m *metrics, spotify *spotifyClient, sealer *sealer, callbackURLs []string) http.Handler {
+// handleGrant answers a token endpoint: at /api/token a code exchange, or a
+// refresh, as the OAuth client libraries that use one endpoint for both
+// send it; at /api/refresh_token (refreshOnly) a refresh.
+func handleGrant(refreshOnly bool, m *metrics, spotify *spotifyClient, sealer *sealer, callbackURLs []string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p, apiErr := readParams(w, r)
-		if apiErr != nil {
+		switch {
+		case apiErr != nil:
 			writeError(w, apiErr)
-			return
-		}
-		switch p.grantType {
-		case "", "authorization_code":
-		case "refresh_token":
+		case p.grantType == "refresh_token" || refreshOnly && p.grantType == "":
 			forwardRefresh(w, r, m, spotify, sealer, p)
-			return
+		case refreshOnly:
+			writeError(w, &apiError{http.StatusBadRequest, "unsupported_grant_type", "grant_type must be refresh_token here; codes are swapped at /api/token"})
+		case p.grantType != "" && p.grantType != "authorization_code":
+			writeError(w, &apiError{http.StatusBadRequest, "unsupported_grant_type", "grant_type must be authorization_code or refresh_token"})
 		default:
-			writeError(w, errUnsupportedGrant)
-			return
-		}
-		if p.code == "" {
-			writeError(w, missing(r, p, "code"))
-			return
-		}
-		redirectURI := callbackURLs[0]
-		if p.redirectURI != "" {
-			if !slices.Contains(callbackURLs, p.redirectURI) {
-				writeError(w, invalidRequest("redirect_uri is not one of the callback URLs this service is configured with"))
-				return
-			}
-			redirectURI = p.redirectURI
-		}
-		start := time.Now()
-		ans, err := spotify.exchangeCode(r.Context(), p.code, redirectURI, p.codeVerifier)
-		relay(w, r, m, ans, err, time.Since(start), sealer)
-		if ex := exchangeOf(w); ex.oauthError == "invalid_grant" {
-			// Configuration, not a secret: what Spotify's "Invalid redirect URI" is about.
-			ex.reason += " (redirect_uri sent: " + redirectURI + ")"
+			forwardCode(w, r, m, spotify, sealer, callbackURLs, p)
 		}
 	})
 }
 
-// handleRefresh trades a refresh token for a new access token.
-func handleRefresh(m *metrics, spotify *spotifyClient, sealer *sealer) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p, apiErr := readParams(w, r)
-		if apiErr != nil {
-			writeError(w, apiErr)
+// forwardCode swaps an authorization code for tokens.
+func forwardCode(w http.ResponseWriter, r *http.Request, m *metrics, spotify *spotifyClient, sealer *sealer, callbackURLs []string, p params) {
+	if p.code == "" {
+		writeError(w, missing(r, p, "code"))
+		return
+	}
+	redirectURI := callbackURLs[0]
+	if p.redirectURI != "" {
+		if !slices.Contains(callbackURLs, p.redirectURI) {
+			writeError(w, invalidRequest("redirect_uri is not one of the callback URLs this service is configured with"))
 			return
 		}
-		if p.grantType != "" && p.grantType != "refresh_token" {
-			writeError(w, &apiError{http.StatusBadRequest, "unsupported_grant_type", "grant_type must be refresh_token here; codes are swapped at /api/token"})
-			return
-		}
-		forwardRefresh(w, r, m, spotify, sealer, p)
-	})
+		redirectURI = p.redirectURI
+	}
+	start := time.Now()
+	ans, err := spotify.exchangeCode(r.Context(), p.code, redirectURI, p.codeVerifier)
+	relay(w, r, m, ans, err, time.Since(start), sealer)
+	if ex := exchangeOf(w); ex.oauthError == "invalid_grant" {
+		// Configuration, not a secret: what Spotify's "Invalid redirect URI" is about.
+		ex.reason += " (redirect_uri sent: " + redirectURI + ")"
+	}
 }
 
 // forwardRefresh forwards a refresh request, opening a sealed refresh token first.
@@ -415,11 +403,8 @@ type apiError struct {
 	description string
 }
 
-// Errors answered in more than one place.
-var (
-	errUnsupportedGrant = &apiError{http.StatusBadRequest, "unsupported_grant_type", "grant_type must be authorization_code or refresh_token"}
-	errTooLarge         = &apiError{http.StatusRequestEntityTooLarge, "invalid_request", "the request body is larger than 64 KiB"}
-)
+// errTooLarge is answered in two places.
+var errTooLarge = &apiError{http.StatusRequestEntityTooLarge, "invalid_request", "the request body is larger than 64 KiB"}
 
 func invalidRequest(description string) *apiError {
 	return &apiError{http.StatusBadRequest, "invalid_request", description}

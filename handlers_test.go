@@ -1228,8 +1228,11 @@ func parse(contentType, body string) (params, *apiError) {
 	return readParams(httptest.NewRecorder(), r)
 }
 
-// FuzzRequestBody checks that reading a request body never panics, agrees
-// with the standard library's parsers, and returns each field exactly as sent.
+// FuzzRequestBody checks that reading a request body never panics and
+// follows every rule the parser has: 415 for a media type that is neither
+// form nor JSON, 413 over the size limit, the JSON hint for a form body
+// that is JSON, and otherwise agreement with the standard library's
+// parsers, a field sent twice refused, each field returned exactly as sent.
 func FuzzRequestBody(f *testing.F) {
 	f.Add("", "code=AQDios-code_123")
 	f.Add(formType, "client_id=abc&grant_type=refresh_token&refresh_token=AQBios")
@@ -1238,9 +1241,12 @@ func FuzzRequestBody(f *testing.F) {
 	f.Add(jsonType+"; charset=utf-8", `{"refresh_token":"AQB\u00e9\ud83c\udfb5","extra":[1,{"a":null}]}`)
 	f.Add(formType, "code=a&code=b")
 	f.Add(jsonType, `{"code":"a","code":"b"}`)
+	f.Add(jsonType, `{"code":null,"\u0063ode":"b"}`)
 	f.Add(formType, "code=%zz&state=%")
 	f.Add(formType, "code=(null)&a;b=c&&=x&refresh_token")
 	f.Add("text/plain", "code=a")
+	f.Add("", " \n{")
+	f.Add("APPLICATION/JSON", `{"code":1}`)
 	fields := []string{"grant_type", "code", "redirect_uri", "code_verifier", "refresh_token"}
 	f.Fuzz(func(t *testing.T, contentType, body string) {
 		p, apiErr := parse(contentType, body)
@@ -1251,10 +1257,23 @@ func FuzzRequestBody(f *testing.F) {
 			}
 			return v
 		}
+		refused := func(status int, why string) {
+			if apiErr == nil || apiErr.status != status {
+				t.Errorf("parse(%q, %q) = %v, want %d: %s", contentType, body, apiErr, status, why)
+			}
+		}
+		media := mediaType(contentType)
 		switch {
-		case apiErr != nil && apiErr.status != 400:
-			// 415 and 413 depend on the Content-Type and size alone.
-		case mediaType(contentType) == jsonType:
+		case media != "" && media != formType && media != jsonType:
+			refused(415, "the media type is neither form nor JSON")
+		case len(body) > maxBodyBytes:
+			refused(413, "the body is over the limit")
+		case media != jsonType && strings.HasPrefix(strings.TrimLeft(body, " \t\r\n"), "{"):
+			refused(400, "a form body that is JSON")
+			if apiErr != nil && !strings.Contains(apiErr.description, "Content-Type: application/json") {
+				t.Errorf("parse(%q, %q) = %v, want the hint to send it as JSON", contentType, body, apiErr)
+			}
+		case media == jsonType:
 			var obj map[string]any
 			if err := json.Unmarshal([]byte(body), &obj); err != nil || obj == nil {
 				if apiErr == nil {
@@ -1262,14 +1281,25 @@ func FuzzRequestBody(f *testing.F) {
 				}
 				return
 			}
+			// encoding/json keeps the last of a key sent twice: count them.
+			seen := map[string]int{}
+			dec := json.NewDecoder(strings.NewReader(body))
+			for dec.Token(); dec.More(); {
+				key, _ := dec.Token()
+				var value json.RawMessage
+				dec.Decode(&value)
+				seen[key.(string)]++
+			}
+			bad := false
 			for _, name := range fields {
 				want, isString := obj[name].(string)
-				if obj[name] != nil && !isString && apiErr == nil {
-					t.Errorf("parse(%q) took a non-string %s", body, name)
-				}
+				bad = bad || seen[name] > 1 || obj[name] != nil && !isString
 				if apiErr == nil && got(name) != absent(want) {
 					t.Errorf("parse(%q): %s = %q, want %q", body, name, got(name), absent(want))
 				}
+			}
+			if (apiErr != nil) != bad {
+				t.Errorf("parse(%q) = %v; want refused: %v (a field it reads sent twice, or not a string)", body, apiErr, bad)
 			}
 		case !strings.Contains(body, ";"): // url.ParseQuery refuses semicolons
 			form, err := url.ParseQuery(body)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"encoding/json"
 	"errors"
@@ -176,6 +177,17 @@ func FuzzSealAnswer(f *testing.F) {
 		}
 		if err := json.Unmarshal(got, &out); err != nil || len(out) != len(in) {
 			t.Fatalf("sealAnswer(%s) = %s, not the same JSON object: %v", body, got, err)
+		}
+		// Every refresh_token member is sealed, not only the one that
+		// encoding/json keeps of a key sent twice.
+		dec := json.NewDecoder(bytes.NewReader(got))
+		for dec.Token(); dec.More(); {
+			key, _ := dec.Token()
+			var value any
+			dec.Decode(&value)
+			if token, _ := value.(string); key == "refresh_token" && token != "" && !strings.HasPrefix(token, sealPrefix) {
+				t.Errorf("sealAnswer(%s) = %s: a refresh_token left raw", body, got)
+			}
 		}
 		for k, v := range in {
 			raw, isToken := v.(string)
