@@ -55,18 +55,12 @@ func (g *guard) client(r *http.Request) netip.Addr {
 		if values == nil && forwarded == nil {
 			return peer // not through the platform's proxy: its own health check
 		}
-		return g.pick(lastEntry(values), peer)
+		return g.pick(nthFromRight(values, 1), peer)
 	case t.hops > 0:
 		if forwarded == nil {
 			return peer // not through the proxies: their own health check
 		}
-		n, selected := 0, ""
-		for entry := range fromRight(forwarded) {
-			if selected, n = entry, n+1; n == t.hops {
-				break
-			}
-		}
-		return g.pick(selected, peer) // fewer entries: the leftmost
+		return g.pick(nthFromRight(forwarded, t.hops), peer)
 	case t.proxies != nil:
 		client := peer
 		if !t.trusted(peer) {
@@ -126,12 +120,15 @@ func fromRight(lines []string) iter.Seq[string] {
 	}
 }
 
-// lastEntry is the last entry of comma-separated header lines.
-func lastEntry(lines []string) string {
-	for entry := range fromRight(lines) {
-		return entry
+// nthFromRight is the nth entry from the right of comma-separated header
+// lines; with fewer entries, the leftmost.
+func nthFromRight(lines []string, n int) (entry string) {
+	for e := range fromRight(lines) {
+		if entry, n = e, n-1; n == 0 {
+			break
+		}
 	}
-	return ""
+	return entry
 }
 
 // parseEntry reads one entry of a forwarding header: an address, with a
@@ -182,7 +179,6 @@ func keysOf(addr netip.Addr) (own, network clientKey, ok bool) {
 
 // The limits a request can hit, as its answer's description says them.
 const (
-	hitNone    = ""
 	hitAddress = "too many requests from this address"
 	hitNetwork = "too many requests from this address's network, its IPv6 /48"
 	hitFull    = "too many clients are over their limit at once"
@@ -192,7 +188,7 @@ const (
 // how long the client must wait and which limit it hit.
 func (g *guard) allow(client netip.Addr) (time.Duration, string) {
 	if g.limiter == nil {
-		return 0, hitNone
+		return 0, ""
 	}
 	wait, hit := g.limiter.wait(client)
 	if wait > 0 {
@@ -262,7 +258,7 @@ func (l *limiter) wait(client netip.Addr) (time.Duration, string) {
 	}
 	var tats [2]time.Duration
 	var wait time.Duration
-	hit, unknown := hitNone, 0
+	hit, unknown := "", 0
 	for i, key := range keys[:n] {
 		tat, known := l.tat[key]
 		if !known {
@@ -283,7 +279,7 @@ func (l *limiter) wait(client netip.Addr) (time.Duration, string) {
 		interval, _ := l.limits(key)
 		l.tat[key] = tats[i] + interval
 	}
-	return 0, hitNone
+	return 0, ""
 }
 
 // makeRoom forgets clients until n more fit and reports whether they do.

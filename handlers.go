@@ -491,8 +491,6 @@ func (ex *exchange) WriteHeader(status int) {
 	ex.ResponseWriter.WriteHeader(status)
 }
 
-func (ex *exchange) Unwrap() http.ResponseWriter { return ex.ResponseWriter }
-
 // exchangeOf returns the exchange a handler answers through, for its notes
 // to the log line; a handler run on its own, as in a test, gets a spare one.
 func exchangeOf(w http.ResponseWriter) *exchange {

@@ -89,10 +89,8 @@ func readEnv(path string, environ []string) (env, dotenv map[string]string, err 
 	case err != nil:
 		return nil, nil, setupError{fmt.Errorf("%s does not parse: check the quoting and the variable names on each line", path)}
 	}
-	env = maps.Clone(dotenv)
-	if env == nil {
-		env = map[string]string{}
-	}
+	env = map[string]string{}
+	maps.Copy(env, dotenv)
 	for _, kv := range environ {
 		if k, v, ok := strings.Cut(kv, "="); ok {
 			env[k] = v
@@ -146,7 +144,7 @@ func run(ctx context.Context, args []string, env, dotenv map[string]string, stdo
 		fmt.Fprintln(stdout, buildVersion())
 		return nil
 	case *healthcheck:
-		return checkHealth(ctx, env)
+		return checkHealth(env)
 	}
 	cfg, err := loadConfig(env, dotenv)
 	if err != nil {
@@ -316,16 +314,12 @@ func buildVersion() string {
 }
 
 // checkHealth asks the service running on this machine for /healthz.
-func checkHealth(ctx context.Context, env map[string]string) error {
+func checkHealth(env map[string]string) error {
 	port := cmp.Or(strings.TrimSpace(env["PORT"]), defaultPort)
 	if err := checkPort(port); err != nil {
 		return setupError{err}
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:"+port+"/healthz", nil)
-	if err != nil {
-		return fmt.Errorf("healthcheck: %w", err)
-	}
-	resp, err := (&http.Client{Timeout: 2 * time.Second}).Do(req)
+	resp, err := (&http.Client{Timeout: 2 * time.Second}).Get("http://127.0.0.1:" + port + "/healthz")
 	if err != nil {
 		return fmt.Errorf("healthcheck: %w", err)
 	}
@@ -522,9 +516,7 @@ func loadConfig(env, dotenv map[string]string) (config, error) {
 		}
 	}
 
-	if err := checkPort(cfg.port); err != nil {
-		problems = append(problems, err)
-	}
+	problems = append(problems, checkPort(cfg.port)) // errors.Join drops the nils
 
 	cfg.accountsURL = strings.TrimRight(cmp.Or(get("SPOTIFY_ACCOUNTS_URL"), defaultAccountsURL), "/")
 	switch u, err := url.Parse(cfg.accountsURL); {
@@ -564,9 +556,8 @@ func loadConfig(env, dotenv map[string]string) (config, error) {
 			}
 		}
 		var err error
-		if cfg.sealer, err = newSealer(secrets); err != nil {
-			problems = append(problems, err)
-		}
+		cfg.sealer, err = newSealer(secrets)
+		problems = append(problems, err)
 	}
 
 	if s := get("CORS_ALLOWED_ORIGINS"); s != "" {
@@ -579,7 +570,7 @@ func loadConfig(env, dotenv map[string]string) (config, error) {
 			case o == "*":
 			case strings.ContainsFunc(o, func(r rune) bool { return r > unicode.MaxASCII }):
 				problem("CORS_ALLOWED_ORIGINS: %q: browsers send a host that is not ASCII in its punycode form (xn--...); write it as the browser's Origin header shows it", o)
-			case err == nil && u.Host != "" && u.Scheme+"://"+u.Host != o && strings.HasPrefix(o, u.Scheme+"://"+u.Host+"/"):
+			case err == nil && u.Host != "" && strings.HasPrefix(o, u.Scheme+"://"+u.Host+"/"):
 				problem("CORS_ALLOWED_ORIGINS: %q has a path, which an origin never has: write %s", o, u.Scheme+"://"+u.Host)
 			case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
 				u.Scheme+"://"+u.Host != o || strings.ToLower(o) != o:
@@ -600,16 +591,12 @@ func loadConfig(env, dotenv map[string]string) (config, error) {
 			cfg.rateLimit = 0
 		}
 	}
-	if s := get("TRUST_PROXY"); s != "" {
-		var err error
-		if cfg.trustProxy, err = parseTrustProxy(s); err != nil {
-			problems = append(problems, err)
-		}
-	}
+	var err error
+	cfg.trustProxy, err = parseTrustProxy(cmp.Or(get("TRUST_PROXY"), "0"))
+	problems = append(problems, err)
 	if s := get("CONNECTION_LIMIT"); s == "off" {
 		cfg.connectionLimit = 0
 	} else if s != "" {
-		var err error
 		if cfg.connectionLimit, err = strconv.Atoi(s); err != nil || cfg.connectionLimit <= 0 {
 			problem("CONNECTION_LIMIT: %q is not a number of connections such as %d, nor off", s, defaultConnectionLimit)
 		}
@@ -629,7 +616,7 @@ func loadConfig(env, dotenv map[string]string) (config, error) {
 		}
 	}
 	cfg.warnings = append(warnings, lookalikes(env)...)
-	if len(problems) > 0 {
+	if errors.Join(problems...) != nil {
 		for _, w := range cfg.warnings {
 			problems = append(problems, errors.New(w))
 		}
@@ -648,10 +635,8 @@ func parseTrustProxy(s string) (trustProxy, error) {
 		t.hops = n
 		return t, nil
 	}
-	headerName := func(r rune) bool {
-		return r == '-' || '0' <= r && r <= '9' || 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z'
-	}
-	if strings.Contains(s, "-") && !strings.ContainsFunc(s, func(r rune) bool { return !headerName(r) }) {
+	const headerChars = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+	if strings.Contains(s, "-") && strings.Trim(s, headerChars) == "" {
 		if strings.EqualFold(s, "X-Forwarded-For") {
 			return t, errors.New("TRUST_PROXY: X-Forwarded-For is a list that clients add to: give the number of proxies in front, or their addresses")
 		}
