@@ -732,6 +732,9 @@ func TestShutdownLetsRequestsFinish(t *testing.T) {
 // the client gets Spotify's answer.
 func TestDrainOutlastsASlowRequest(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("11 s of real time; TestLoadConfig pins the drain's length")
+	}
 	spotify := newFakeSpotify(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
 		time.Sleep(1500 * time.Millisecond) // a slow Spotify, not a synchronisation
 		likeSpotify(w, r, form)
