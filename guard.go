@@ -15,6 +15,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 // trustProxy is TRUST_PROXY: where a request's client address comes from.
@@ -94,6 +95,36 @@ func (g *guard) pick(entry string, peer netip.Addr) netip.Addr {
 			"entry", printable(entry), "peer", peer.String())
 	}
 	return peer
+}
+
+// maxClientValue caps each value a client chose (method, path, Origin,
+// X-Request-Id, a forwarding header's entry) where a log line or an answer
+// shows it, so that none is longer than about 2 KiB however the request is
+// built.
+const maxClientValue = 128
+
+// printable returns a header value a client chose, cut to maxClientValue
+// bytes and to printable ASCII, so that no client can flood or forge log
+// lines.
+func printable(s string) string {
+	return strings.Map(func(c rune) rune {
+		if c < ' ' || c > '~' {
+			return -1
+		}
+		return c
+	}, clip(s))
+}
+
+// clip cuts s to maxClientValue bytes, at a UTF-8 boundary.
+func clip(s string) string {
+	if len(s) <= maxClientValue {
+		return s
+	}
+	i := maxClientValue
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i]
 }
 
 // trusted reports whether addr is one of the trusted proxies.

@@ -18,16 +18,11 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
-	"unicode/utf8"
 )
 
 const (
 	// maxBodyBytes caps a client's request body; a token request is a few hundred bytes.
 	maxBodyBytes = 64 << 10
-	// maxClientValue caps each value a client chose (method, path, Origin,
-	// X-Request-Id) where a log line or an answer shows it, so that none is
-	// longer than about 2 KiB however the request is built.
-	maxClientValue = 128
 	// maxPathSegment is the longest path segment the log shows; Spotify's
 	// codes and tokens are hundreds of characters.
 	maxPathSegment = 32
@@ -549,30 +544,6 @@ func logPath(path string) string {
 // carry it.
 func requestID(r *http.Request) string {
 	return printable(r.Header.Get("X-Request-Id"))
-}
-
-// printable returns a header value a client chose, cut to maxClientValue
-// bytes and to printable ASCII, so that no client can flood or forge log
-// lines.
-func printable(s string) string {
-	return strings.Map(func(c rune) rune {
-		if c < ' ' || c > '~' {
-			return -1
-		}
-		return c
-	}, clip(s))
-}
-
-// clip cuts s to maxClientValue bytes, at a UTF-8 boundary.
-func clip(s string) string {
-	if len(s) <= maxClientValue {
-		return s
-	}
-	i := maxClientValue
-	for i > 0 && !utf8.RuneStart(s[i]) {
-		i--
-	}
-	return s[:i]
 }
 
 // limit answers 429 to a client over RATE_LIMIT, before its body is read.
