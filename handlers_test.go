@@ -1796,10 +1796,12 @@ func TestMetrics(t *testing.T) {
 		default:
 			likeSpotify(w, r, form)
 		}
-	}, map[string]string{"RATE_LIMIT": "6/min", "SPOTIFY_TIMEOUT": "300ms"})
+	}, map[string]string{"RATE_LIMIT": "6/min", "SPOTIFY_TIMEOUT": "300ms", "TRUST_PROXY": "1"})
 	for _, code := range []string{"AQDa", "used", "AQDslow", "AQDreset", "AQDodd"} {
 		send(t, "POST", svc.url+tokenPath, formType, "code="+code)
 	}
+	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Forwarded-For", "not-an-address") // a fallback, not counted against the limit
+	svc.server.metrics.connectionsRefused.Add(3)                                          // as the capped listener counts them
 	send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQB")
 	send(t, "POST", svc.url+tokenPath, formType, "code=AQDlimited")
 	send(t, "GET", svc.url+"/healthz", noneType, "")
@@ -1819,7 +1821,7 @@ func TestMetrics(t *testing.T) {
 		`tokenswap_requests_total{handler="token",code="504"} 1` + "\n",
 		`tokenswap_requests_total{handler="token",code="429"} 1` + "\n",
 		`tokenswap_requests_total{handler="refresh_token",code="200"} 1` + "\n",
-		`tokenswap_requests_total{handler="healthz",code="200"} 1` + "\n",
+		`tokenswap_requests_total{handler="healthz",code="200"} 2` + "\n",
 		`tokenswap_requests_total{handler="index",code="200"} 1` + "\n",
 		"tokenswap_requests_in_flight 0\n",
 		`tokenswap_requests_total{handler="other",code="404"} 2` + "\n",
@@ -1838,12 +1840,30 @@ func TestMetrics(t *testing.T) {
 		`tokenswap_errors_total{error="temporarily_unavailable"} 1` + "\n",
 		`tokenswap_errors_total{error="not_found"} 2` + "\n",
 		`tokenswap_build_info{version="v9.9.9-test"} 1` + "\n",
-		"# TYPE go_goroutines gauge\ngo_goroutines ",
-		"# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds ",
-		"# TYPE tokenswap_request_duration_seconds histogram\n",
+		"tokenswap_client_address_fallback_total 1\n",
+		"tokenswap_connections_refused_total 3\n",
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics does not hold %q:\n%s", want, body)
+		}
+	}
+	// Each family once, with its type, HELP before TYPE before its samples.
+	for name, kind := range map[string]string{
+		"tokenswap_requests_total": "counter", "tokenswap_request_duration_seconds": "histogram", "tokenswap_requests_in_flight": "gauge",
+		"tokenswap_spotify_requests_total": "counter", "tokenswap_spotify_request_duration_seconds": "histogram", "tokenswap_errors_total": "counter",
+		"tokenswap_rate_limited_total": "counter", "tokenswap_client_address_fallback_total": "counter", "tokenswap_connections_refused_total": "counter",
+		"tokenswap_build_info": "gauge", "go_goroutines": "gauge", "process_start_time_seconds": "gauge", "process_resident_memory_bytes": "gauge",
+	} {
+		help, typ, sample := strings.Index(body, "# HELP "+name+" "), strings.Index(body, "# TYPE "+name+" "+kind+"\n"), strings.Index(body, "\n"+name)
+		if strings.Count(body, "# TYPE "+name+" ") != 1 || help < 0 || typ < help || sample < typ {
+			t.Errorf("/metrics: want one # HELP %s, then # TYPE %s %s, then its samples", name, name, kind)
+		}
+	}
+	var rss float64
+	if _, err := os.Stat("/proc/self/statm"); err == nil {
+		fmt.Sscanf(body[strings.Index(body, "\nprocess_resident_memory_bytes ")+1:], "process_resident_memory_bytes %g", &rss)
+		if rss < 1<<20 || rss > 1<<30 {
+			t.Errorf("process_resident_memory_bytes = %g, want this process's RSS, between 1 MiB and 1 GiB", rss)
 		}
 	}
 	for _, line := range strings.Split(body, "\n") {
