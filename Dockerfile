@@ -1,11 +1,7 @@
 # syntax=docker/dockerfile:1
 #
 #   docker build -t spotify-token-swap --build-arg VERSION=$(git describe --tags --always) .
-#   docker run --rm -p 8080:8080 --env-file .env --stop-timeout 30 spotify-token-swap
-#
-# .ci/run runs this file's go build line as it stands, then builds this image
-# offline (stand-ins for the base images) and runs it: a swap, the
-# HEALTHCHECK, a non-root user, exit 0 on docker stop.
+#   docker run --rm -p 127.0.0.1:8080:8080 --env-file .env --stop-timeout 30 spotify-token-swap
 
 FROM golang:1.26.8-bookworm AS build
 WORKDIR /src

@@ -385,6 +385,8 @@ func missing(r *http.Request, p params, name string) *apiError {
 	switch {
 	case name == "code" && p.refreshToken != "":
 		return invalidRequest("code is required; to refresh, send grant_type=refresh_token with the refresh_token, or post it to /api/refresh_token")
+	case name == "refresh_token" && p.code != "":
+		return invalidRequest("refresh_token is required; codes are swapped at /api/token")
 	case r.URL.RawQuery != "":
 		return invalidRequest(name + " is required in the request body (a form or JSON); parameters in the URL query are not read")
 	}

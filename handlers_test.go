@@ -1768,6 +1768,7 @@ func TestHints(t *testing.T) {
 		{"refresh_token in the query", refreshPath + "?refresh_token=AQB", formType, "", "parameters in the URL query are not read"},
 		{"refresh_token at the token endpoint", tokenPath, formType, "refresh_token=AQB", "send grant_type=refresh_token"},
 		{"refresh_token at the token endpoint, with a query", tokenPath + "?state=x", formType, "refresh_token=AQB", "send grant_type=refresh_token"},
+		{"a code at the refresh endpoint", refreshPath, formType, "code=AQDx", "codes are swapped at /api/token"},
 	}
 	for _, tt := range tests {
 		got := send(t, "POST", svc.url+tt.path, tt.contentType, tt.body)

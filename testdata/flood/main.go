@@ -1,4 +1,4 @@
-// Command flood measures what the README promises of CONNECTION_LIMIT and
+// Command flood measures what docs/security.md promises of CONNECTION_LIMIT and
 // the 16 KiB header cap: with the defaults and no GOMEMLIMIT, a flood of
 // idle or slow-header connections from one address leaves the service's RSS
 // under 64 MiB, and a client at another address still gets its answer in
