@@ -35,15 +35,12 @@ type guard struct {
 	logger    *slog.Logger
 	metrics   *metrics
 
-	mu    sync.Mutex
-	conns map[clientKey]int // open connections by client, those with some only
-
 	// Each warning is logged once: the first time is news, the rest noise.
 	warnedHeader, warnedFallback, warnedConns, warnedFull atomic.Bool
 }
 
 func newGuard(logger *slog.Logger, m *metrics, trust trustProxy, limiter *limiter, connLimit int) *guard {
-	return &guard{trust: trust, limiter: limiter, connLimit: connLimit, logger: logger, metrics: m, conns: map[clientKey]int{}}
+	return &guard{trust: trust, limiter: limiter, connLimit: connLimit, logger: logger, metrics: m}
 }
 
 // client returns the address of r's client, by TRUST_PROXY.
@@ -352,23 +349,25 @@ func (l *limiter) makeRoom(now time.Duration, n int) bool {
 }
 
 // limitConnections caps the connections one client holds open on ln at
-// once, at CONNECTION_LIMIT, counting clients as the rate limit does. A
-// connection over the cap is closed at once, unanswered. On the service's
-// listener only peers that are clients are capped: behind a count or a
-// header every peer is the platform's proxy, and in the list form the
-// trusted proxies are not capped. On the metrics listener (direct), every
-// peer is.
+// once, at CONNECTION_LIMIT, counting clients as the rate limit does; each
+// listener counts its own. A connection over the cap is closed at once,
+// unanswered. On the service's listener only peers that are clients are
+// capped: behind a count or a header every peer is the platform's proxy,
+// and in the list form the trusted proxies are not capped. On the metrics
+// listener (direct), every peer is.
 func (g *guard) limitConnections(ln net.Listener, direct bool) net.Listener {
 	if g.connLimit == 0 || !direct && (g.trust.hops > 0 || g.trust.header != "") {
 		return ln
 	}
-	return &cappedListener{Listener: ln, g: g, direct: direct}
+	return &cappedListener{Listener: ln, g: g, direct: direct, open: map[clientKey]int{}}
 }
 
 type cappedListener struct {
 	net.Listener
 	g      *guard
 	direct bool
+	mu     sync.Mutex
+	open   map[clientKey]int // open connections by client, those with some only
 }
 
 func (l *cappedListener) Accept() (net.Conn, error) {
@@ -381,8 +380,8 @@ func (l *cappedListener) Accept() (net.Conn, error) {
 		if !l.direct && l.g.trust.trusted(peer.Addr().Unmap()) {
 			return conn, nil
 		}
-		if key, _, _ := keysOf(peer.Addr()); l.g.hold(key, 1) {
-			return &countedConn{Conn: conn, release: func() { l.g.hold(key, -1) }}, nil
+		if key, _, _ := keysOf(peer.Addr()); l.hold(key, 1) {
+			return &countedConn{Conn: conn, release: func() { l.hold(key, -1) }}, nil
 		}
 		conn.Close()
 	}
@@ -391,18 +390,18 @@ func (l *cappedListener) Accept() (net.Conn, error) {
 // hold counts n more connections of key's open (n may be -1) and reports
 // whether that is within CONNECTION_LIMIT; a connection over it is refused,
 // and not counted.
-func (g *guard) hold(key clientKey, n int) bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if n > 0 && g.conns[key]+n > g.connLimit {
+func (l *cappedListener) hold(key clientKey, n int) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if g := l.g; n > 0 && l.open[key]+n > g.connLimit {
 		g.metrics.connectionsRefused.Add(1)
 		if g.warnedConns.CompareAndSwap(false, true) {
 			g.logger.Warn("a client address holds CONNECTION_LIMIT connections: more from it are closed at once", "limit", g.connLimit)
 		}
 		return false
 	}
-	if g.conns[key] += n; g.conns[key] <= 0 {
-		delete(g.conns, key)
+	if l.open[key] += n; l.open[key] <= 0 {
+		delete(l.open, key)
 	}
 	return true
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -320,6 +321,27 @@ func TestLimiterUnderAFlood(t *testing.T) {
 		t.Errorf("the flood's last address: want 2 more allowed, then refused")
 	}
 
+	// A flood of IPv6 /48s, whose allowance is longer than an address's,
+	// does not free a client over its limit either.
+	clock.advance(2 * time.Hour)
+	for range 3 {
+		wait(limited)
+	}
+	clock.advance(5 * time.Minute)      // 55 min from its whole allowance, 15 over its limit
+	for i := range maxClients/15 + 16 { // past the table's size
+		for j := range 15 { // 45 requests a /48: 56.25 min from its whole allowance, under its limit of 58.75
+			for range 3 {
+				wait(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, byte(i >> 8), byte(i), byte(j), 15: 1}))
+			}
+		}
+	}
+	if w := wait(limited); w == 0 {
+		t.Errorf("a client over its limit was forgotten in a flood of IPv6 /48s")
+	}
+	if n := len(l.tat); n > 65536 {
+		t.Errorf("the table holds %d clients, want at most 65,536", n)
+	}
+
 	// Every client in the table over its limit: a new address is refused
 	// for a second, without a sweep, until the first one comes back.
 	clock.advance(2 * time.Hour)
@@ -330,6 +352,25 @@ func TestLimiterUnderAFlood(t *testing.T) {
 	}
 	if w, hit := l.wait(fresh); w != time.Second || hit != hitFull {
 		t.Errorf("a new address while every client is over its limit: wait %v (%s), want 1s (%s)", w, hit, hitFull)
+	}
+	// Through the guard: counted, and one warning for them all.
+	var log strings.Builder
+	g := newGuard(slog.New(slog.NewJSONHandler(&log, nil)), &metrics{}, trustProxy{}, l, 0)
+	for range 3 {
+		g.allow(netip.MustParseAddr("198.51.100.7"))
+	}
+	g.allow(netip.MustParseAddr("2001:db8:ffff::1"))
+	if n, warned := g.metrics.rateLimited.Load(), strings.Count(log.String(), "table is full"); n != 4 || warned != 1 {
+		t.Errorf("4 new addresses against a full table: %d counted as limited, %d warnings; want 4 and 1", n, warned)
+	}
+	// No scan of the table for each: 20,000 more new addresses cost about
+	// what 20,000 requests cost (a scan each would take seconds).
+	start := time.Now()
+	for i := range 20_000 {
+		l.wait(netip.AddrFrom4([4]byte{11, byte(i >> 16), byte(i >> 8), byte(i)}))
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("20,000 new addresses against a full table took %v: a scan of the table for each?", took)
 	}
 	if w := wait(addr(0)); w == 0 {
 		t.Errorf("a client over its limit was let through while the table was full")
@@ -391,11 +432,11 @@ func TestConnectionLimit(t *testing.T) {
 			t.Fatalf("dial from %s: %v", local, err)
 		}
 		t.Cleanup(func() { conn.Close() })
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
 		fmt.Fprint(conn, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 		answer, err := io.ReadAll(io.LimitReader(conn, 12))
-		if errors.Is(err, io.EOF) || err == nil && len(answer) == 0 {
-			return conn, false
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("a connection from %s neither answered nor closed within 5 s: one over the cap must be closed at once", local)
 		}
 		return conn, string(answer) == "HTTP/1.1 200"
 	}
@@ -446,8 +487,30 @@ func TestConnectionLimit(t *testing.T) {
 			t.Errorf("a closed connection's place was not freed")
 		})
 	}
+	// One client as the rate limit counts them: an IPv6 /64; an IPv4
+	// address, however IPv6 carries it.
+	g := testGuard(t, "0", io.Discard) // a cap of 3
+	peers := make(chan net.Conn, 16)
+	for _, addr := range []string{"2001:db8::1", "2001:db8::2", "2001:db8::ffff:3", "2001:db8::4", "2001:db8:0:1::1",
+		"192.0.2.1", "::ffff:192.0.2.1", "64:ff9b::c000:201", "2002:c000:201::1"} {
+		conn, _ := net.Pipe()
+		peers <- peerConn{conn, &net.TCPAddr{IP: net.ParseIP(addr), Port: 4242}}
+	}
+	close(peers)
+	var accepted []string
+	for ln := g.limitConnections(chanListener(peers), false); ; {
+		conn, err := ln.Accept()
+		if err != nil {
+			break
+		}
+		accepted = append(accepted, conn.RemoteAddr().(*net.TCPAddr).IP.String())
+	}
+	if want := "2001:db8::1 2001:db8::2 2001:db8::ffff:3 2001:db8:0:1::1 192.0.2.1 192.0.2.1 64:ff9b::c000:201"; strings.Join(accepted, " ") != want {
+		t.Errorf("CONNECTION_LIMIT=3: accepted %s, want %s: the 4th of one /64, and of one IPv4 address, refused", strings.Join(accepted, " "), want)
+	}
+
 	// Off: the listener as it is.
-	g := newGuard(slog.New(slog.DiscardHandler), &metrics{}, trustProxy{}, nil, 0)
+	g = newGuard(slog.New(slog.DiscardHandler), &metrics{}, trustProxy{}, nil, 0)
 	if ln := (&net.TCPListener{}); g.limitConnections(ln, true) != net.Listener(ln) {
 		t.Errorf("CONNECTION_LIMIT=off: the listener is wrapped")
 	}
@@ -602,3 +665,23 @@ func TestRateLimitPerNetwork(t *testing.T) {
 		t.Errorf("another /48 = %d, want 200", got.status)
 	}
 }
+
+// chanListener is a listener whose connections come from a channel.
+type chanListener chan net.Conn
+
+func (l chanListener) Accept() (net.Conn, error) {
+	if conn, ok := <-l; ok {
+		return conn, nil
+	}
+	return nil, net.ErrClosed
+}
+func (l chanListener) Close() error   { return nil }
+func (l chanListener) Addr() net.Addr { return &net.TCPAddr{} }
+
+// peerConn is a connection from the address remote.
+type peerConn struct {
+	net.Conn
+	remote net.Addr
+}
+
+func (c peerConn) RemoteAddr() net.Addr { return c.remote }

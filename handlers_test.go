@@ -13,6 +13,8 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -110,13 +112,13 @@ func spotifyError(w http.ResponseWriter, status int, code, description string) {
 
 // likeSpotify answers as Spotify does, with tokens named after the code or
 // refresh token they were granted for, so that a test can tell whose answer
-// it got. The code "used" and the refresh token "revoked" are refused; a
+// it got. A code that starts with "used" and the refresh token "revoked" are refused; a
 // refresh token that starts with "rotate" is replaced by a new one.
 func likeSpotify(w http.ResponseWriter, r *http.Request, form url.Values) {
 	switch form.Get("grant_type") {
 	case "authorization_code":
 		code := form.Get("code")
-		if code == "used" {
+		if strings.HasPrefix(code, "used") {
 			spotifyError(w, http.StatusBadRequest, "invalid_grant", "Invalid authorization code")
 			return
 		}
@@ -401,6 +403,13 @@ func TestSwapsAndRefreshes(t *testing.T) {
 			wantStatus: 200, wantBody: tokenJSON("at-from-AQBapp", ""),
 		},
 		{
+			name: "refresh with every field a client library may add, code_verifier and redirect_uri too",
+			path: refreshPath, contentType: formType,
+			body:       "refresh_token=AQBall&code_verifier=Vx9&redirect_uri=evil%3A%2F%2Fx&scope=a&client_id=" + testClientID,
+			wantForm:   "grant_type=refresh_token&refresh_token=AQBall",
+			wantStatus: 200, wantBody: tokenJSON("at-from-AQBall", ""),
+		},
+		{
 			name: "browser fetch swap, JSON, second callback URL",
 			path: tokenPath, contentType: jsonType,
 			body:       `{"code":"AQDweb","redirect_uri":"https://app.example.com/callback","state":"x1"}`,
@@ -532,6 +541,10 @@ func TestRefusesBadRequests(t *testing.T) {
 		{"code grant at the refresh endpoint", "POST", refreshPath, formType, "grant_type=authorization_code&refresh_token=x", 400, "unsupported_grant_type"},
 		{"redirect_uri not configured", "POST", tokenPath, formType, "code=x&redirect_uri=evil%3A%2F%2Fcallback", 400, "invalid_request"},
 		{"redirect_uri that only starts like one", "POST", tokenPath, formType, "code=x&redirect_uri=testapp%3A%2F%2Fcallback%2Fx", 400, "invalid_request"},
+		{"redirect_uri with a slash added", "POST", tokenPath, formType, "code=x&redirect_uri=testapp%3A%2F%2Fcallback%2F", 400, "invalid_request"},
+		{"redirect_uri a prefix of one", "POST", tokenPath, formType, "code=x&redirect_uri=testapp%3A%2F%2Fcall", 400, "invalid_request"},
+		{"redirect_uri the list itself", "POST", tokenPath, formType, "code=x&redirect_uri=testapp%3A%2F%2Fcallback%2Chttps%3A%2F%2Fapp.example.com%2Fcallback", 400, "invalid_request"},
+		{"redirect_uri with spaces around", "POST", tokenPath, formType, "code=x&redirect_uri=+testapp%3A%2F%2Fcallback+", 400, "invalid_request"},
 		{"bad form escape", "POST", tokenPath, formType, "code=%zz", 400, "invalid_request"},
 		{"bad escape in a field not read", "POST", tokenPath, formType, "code=x&state=%", 400, "invalid_request"},
 		{"code twice", "POST", tokenPath, formType, "code=a&code=b", 400, "invalid_request"},
@@ -577,6 +590,12 @@ func TestRefusesBadRequests(t *testing.T) {
 	}
 	if forms := svc.spotify.received(); len(forms) != 0 {
 		t.Errorf("Spotify received %d requests, want none", len(forms))
+	}
+	// With one callback URL, redirect_uri is checked all the same.
+	one := startService(t, likeSpotify, map[string]string{"SPOTIFY_CLIENT_CALLBACK_URL": testCallback})
+	checkError(t, "redirect_uri not the one configured", send(t, "POST", one.url+tokenPath, formType, "code=x&redirect_uri=evil%3A%2F%2Fsteal"), 400, "invalid_request")
+	if forms := one.spotify.received(); len(forms) != 0 {
+		t.Errorf("with one callback URL, Spotify received %d requests, want none", len(forms))
 	}
 }
 
@@ -916,13 +935,27 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 	inPath := "AQDinpath" + strings.Repeat("x", 200)
 	send(t, "POST", svc.url+tokenPath+"/"+inPath, formType, "")
 	send(t, "GET", svc.url+"/refresh/"+tokens.RefreshToken+"/x", noneType, "")
+	// Rare error paths, which must not quote what was sent: Spotify refusing
+	// a code, a bad %-escape in a token, a token that is not a JSON string.
+	for _, r := range []reply{
+		send(t, "POST", svc.url+tokenPath, formType, "code=usedAQDrefused"),
+		send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQBescape%zz"),
+		send(t, "POST", svc.url+refreshPath, jsonType, `{"refresh_token":["AQBarray"]}`),
+		send(t, "POST", svc.url+tokenPath, jsonType, `{"code":{"c":"AQDobject"}}`),
+	} {
+		for _, secret := range []string{"AQDrefused", "AQBescape", "AQBarray", "AQDobject"} {
+			if r.status/100 != 4 || strings.Contains(r.body, secret) {
+				t.Errorf("answer %d %s: want a 4xx that does not quote %q", r.status, r.body, secret)
+			}
+		}
+	}
 	svc.close()
 
 	log := svc.log.String()
 	secrets := []string{
 		"AQDsecretcode", "rt-AQDsecretcode", "at-AQDsecretcode", tokens.RefreshToken, "at-from-rt-AQDsecretcode",
 		"AQBrawtoken", "AQDtwice", "AQDinquery", "AQDjsoncode", "AQDbasic", "Y2xpZW50OmNsaWVudC1zZWNyZXQtMTIz",
-		"BQDbearer-token", "BQDinquery", "AQDinpath",
+		"BQDbearer-token", "BQDinquery", "AQDinpath", "AQDrefused", "AQBescape", "AQBarray", "AQDobject",
 		testClientSecret, testAuthorization, strings.TrimPrefix(testAuthorization, "Basic "), testSecret,
 	}
 	for _, s := range secrets {
@@ -931,8 +964,8 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 		}
 	}
 	lines := strings.Split(strings.TrimSpace(log), "\n")
-	if len(lines) != 10 {
-		t.Errorf("the log has %d lines, want one per request (10):\n%s", len(lines), log)
+	if len(lines) != 14 {
+		t.Errorf("the log has %d lines, want one per request (14):\n%s", len(lines), log)
 	}
 	if got, want := logLines(t, log)[9].Path, fmt.Sprintf("/refresh/(%d characters)/x", len(tokens.RefreshToken)); got != want {
 		t.Errorf("a path with a token in it is logged as %q, want %q", got, want)
@@ -1015,6 +1048,7 @@ func TestCORS(t *testing.T) {
 				names = append(names, name)
 			}
 		}
+		slices.Sort(names)
 		return names
 	}
 	t.Run("unset: no CORS headers", func(t *testing.T) {
@@ -1081,7 +1115,25 @@ func TestCORS(t *testing.T) {
 		if got.header.Get("Access-Control-Allow-Origin") != "http://127.0.0.1:5173" {
 			t.Errorf("error answer: Access-Control-Allow-Origin = %q, want http://127.0.0.1:5173", got.header.Get("Access-Control-Allow-Origin"))
 		}
-		for _, other := range []string{"https://evil.example", "https://app.example.com.evil.example", "null", "HTTPS://APP.EXAMPLE.COM"} {
+		// Exactly these headers: no credentials, nothing else.
+		pre := send(t, "OPTIONS", svc.url+tokenPath, noneType, "", "Origin", page, "Access-Control-Request-Method", "POST")
+		post := send(t, "POST", svc.url+tokenPath, formType, "code=a", "Origin", page)
+		if got, want := strings.Join(corsHeaders(pre.header), " "), "Access-Control-Allow-Headers Access-Control-Allow-Methods Access-Control-Allow-Origin Access-Control-Max-Age"; got != want {
+			t.Errorf("preflight from %s: CORS headers %s, want exactly %s", page, got, want)
+		}
+		if got, want := strings.Join(corsHeaders(post.header), " "), "Access-Control-Allow-Origin Access-Control-Expose-Headers"; got != want {
+			t.Errorf("POST from %s: CORS headers %s, want exactly %s", page, got, want)
+		}
+		// An OPTIONS that is no preflight, from an allowed origin, is a
+		// method not allowed.
+		got = send(t, "OPTIONS", svc.url+tokenPath, noneType, "", "Origin", page)
+		checkError(t, "OPTIONS without Access-Control-Request-Method from "+page, got, 405, "invalid_request")
+		if got.header.Get("Allow") != "POST" {
+			t.Errorf("OPTIONS that is no preflight: Allow %q, want POST", got.header.Get("Allow"))
+		}
+		// Only an origin exactly as listed: no prefix, suffix or substring.
+		for _, other := range []string{"https://evil.example", "https://app.example.com.evil.example", "null", "HTTPS://APP.EXAMPLE.COM",
+			"https://app.example.co", "https://app.example.com:443", "http://127.0.0.1:51", "http://127.0.0.1:51730", "https://app", "http://app.example.com"} {
 			got = send(t, "POST", svc.url+tokenPath, formType, "code=a", "Origin", other)
 			if names := corsHeaders(got.header); len(names) != 0 {
 				t.Errorf("POST from %s: CORS headers %v, want none", other, names)
@@ -1104,6 +1156,12 @@ func TestCORS(t *testing.T) {
 		if got.status != 204 || got.header.Get("Access-Control-Allow-Origin") != "*" {
 			t.Errorf("preflight = %d with Allow-Origin %q, want 204 with *", got.status, got.header.Get("Access-Control-Allow-Origin"))
 		}
+		// A request without Origin is no browser's: no CORS headers.
+		if names := corsHeaders(send(t, "POST", svc.url+tokenPath, formType, "code=a").header); len(names) != 0 {
+			t.Errorf("POST without Origin: CORS headers %v, want none", names)
+		}
+		got = send(t, "OPTIONS", svc.url+tokenPath, noneType, "", "Access-Control-Request-Method", "POST")
+		checkError(t, "preflight without Origin", got, 403, "invalid_request")
 	})
 }
 
@@ -1623,12 +1681,16 @@ func TestLogSaysWhy(t *testing.T) {
 	if len(lines) != len(tests) {
 		t.Fatalf("the log has %d lines, want %d:\n%s", len(lines), len(tests), svc.log)
 	}
+	// Spotify's status, where it answered, usable or not.
+	spotifyStatus := map[string]int{"client secret reset": 400, "a user's stale code": 400, "a code for another redirect URI": 400,
+		"Spotify answers HTML": 500, "Spotify's error without a description": 400, "Spotify's answer with no error at all": 418,
+		"Spotify's own 500, relayed": 500, "Spotify's own 503, relayed": 503}
 	for i, tt := range tests {
 		l := lines[i]
 		if l.Status != tt.wantStatus || l.Error != tt.wantError || !strings.Contains(l.Reason, tt.wantReason) || l.Level != tt.wantLevel ||
-			l.Client != "127.0.0.1" || l.Path != tt.path {
-			t.Errorf("%s: log line %+v, want status %d, error %q, a reason with %q, level %s, client 127.0.0.1",
-				tt.name, l, tt.wantStatus, tt.wantError, tt.wantReason, tt.wantLevel)
+			l.Client != "127.0.0.1" || l.Path != tt.path || l.SpotifyStatus != spotifyStatus[tt.name] {
+			t.Errorf("%s: log line %+v, want status %d, error %q, a reason with %q, level %s, client 127.0.0.1, spotify_status %d",
+				tt.name, l, tt.wantStatus, tt.wantError, tt.wantReason, tt.wantLevel, spotifyStatus[tt.name])
 		}
 	}
 }
@@ -1675,11 +1737,11 @@ func TestClientHangsUp(t *testing.T) {
 				strings.Contains(svc.log.String(), "could not be reached") || l.Error != "" {
 				t.Errorf("log = %s, want one INFO line with status 499, why, and no word of Spotify failing", svc.log)
 			}
-			if n := svc.server.metrics.spotifyFailed[2].Load(); n != 1 {
-				t.Errorf(`tokenswap_spotify_requests_total{code="canceled"} = %d, want 1`, n)
-			}
-			if n := svc.server.metrics.requests[0][499].Load(); n != 1 {
-				t.Errorf(`tokenswap_requests_total{handler="token",code="499"} = %d, want 1`, n)
+			exposition := scrape(svc.server)
+			for _, want := range []string{`tokenswap_spotify_requests_total{code="canceled"} 1`, `tokenswap_requests_total{handler="token",code="499"} 1`, "tokenswap_requests_in_flight 0"} {
+				if !strings.Contains(exposition, "\n"+want+"\n") {
+					t.Errorf("/metrics after the client left does not hold %s:\n%s", want, exposition)
+				}
 			}
 		})
 	}
@@ -1695,6 +1757,7 @@ func TestRequestIDInTheLog(t *testing.T) {
 		{long, long[:128]},
 		{"req-1\t\xc3\xa9-end", "req-1-end"},
 		{"trace 7 ~!", "trace 7 ~!"},
+		{long[:128], long[:128]},                     // exactly the cap
 		{strings.Repeat("\xc3\xa9", 64) + "abc", ""}, // the cut comes first
 	}
 	for _, tt := range tests {
@@ -1782,6 +1845,13 @@ func TestHints(t *testing.T) {
 	}
 }
 
+// scrape returns what GET /metrics shows of s's metrics.
+func scrape(s *server) string {
+	rec := httptest.NewRecorder()
+	s.metrics.handler("test").ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	return rec.Body.String()
+}
+
 // TestMetrics checks that the counters move as requests are answered, and
 // that the exposition names no path a client chose.
 func TestMetrics(t *testing.T) {
@@ -1794,52 +1864,60 @@ func TestMetrics(t *testing.T) {
 			spotifyError(w, 400, "invalid_client", "Invalid client secret")
 		case "AQDodd":
 			spotifyError(w, 400, "some_new_error", "Something new")
+		case "AQDhtml":
+			w.WriteHeader(500)
+			io.WriteString(w, "<html>oops</html>")
 		default:
 			likeSpotify(w, r, form)
 		}
-	}, map[string]string{"RATE_LIMIT": "6/min", "SPOTIFY_TIMEOUT": "300ms", "TRUST_PROXY": "1"})
-	for _, code := range []string{"AQDa", "used", "AQDslow", "AQDreset", "AQDodd"} {
+	}, map[string]string{"RATE_LIMIT": "7/min", "SPOTIFY_TIMEOUT": "300ms", "TRUST_PROXY": "1"})
+	for _, code := range []string{"AQDa", "used", "AQDslow", "AQDreset", "AQDodd", "AQDhtml"} {
 		send(t, "POST", svc.url+tokenPath, formType, "code="+code)
 	}
-	send(t, "GET", svc.url+"/healthz", noneType, "", "X-Forwarded-For", "not-an-address") // a fallback, not counted against the limit
-	svc.server.metrics.connectionsRefused.Add(3)                                          // as the capped listener counts them
 	send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQB")
-	send(t, "POST", svc.url+tokenPath, formType, "code=AQDlimited")
+	// The 8th: over the limit, and its client address falls back to the peer.
+	send(t, "POST", svc.url+tokenPath, formType, "code=AQDlimited", "X-Forwarded-For", "not-an-address")
+	// Distinct counts, so that two labels swapped show.
+	send(t, "GET", svc.url+"/healthz", noneType, "")
 	send(t, "GET", svc.url+"/healthz", noneType, "")
 	send(t, "GET", svc.url+"/", noneType, "")
-	send(t, "GET", svc.url+"/secret-admin-path", noneType, "")
-	send(t, "GET", svc.url+"/.env?x=1", noneType, "")
+	for _, unknown := range []string{"/secret-admin-path", "/.env?x=1", tokenPath + "/", "//healthz"} {
+		send(t, "GET", svc.url+unknown, noneType, "")
+	}
+	svc.server.metrics.connectionsRefused.Add(3) // as the capped listener counts them
 
-	scrape := httptest.NewRecorder()
-	svc.server.metrics.handler("v9.9.9-test").ServeHTTP(scrape, httptest.NewRequest("GET", "/metrics", nil))
-	body := scrape.Body.String()
-	if ct := scrape.Header().Get("Content-Type"); ct != "text/plain; version=0.0.4; charset=utf-8" {
+	get := httptest.NewRecorder()
+	svc.server.metrics.handler("v9.9.9-test").ServeHTTP(get, httptest.NewRequest("GET", "/metrics", nil))
+	body := get.Body.String()
+	if ct := get.Header().Get("Content-Type"); ct != "text/plain; version=0.0.4; charset=utf-8" {
 		t.Errorf("Content-Type = %q, want the Prometheus text format 0.0.4", ct)
 	}
 	for _, want := range []string{
 		`tokenswap_requests_total{handler="token",code="200"} 1` + "\n",
 		`tokenswap_requests_total{handler="token",code="400"} 3` + "\n",
+		`tokenswap_requests_total{handler="token",code="502"} 1` + "\n",
 		`tokenswap_requests_total{handler="token",code="504"} 1` + "\n",
 		`tokenswap_requests_total{handler="token",code="429"} 1` + "\n",
 		`tokenswap_requests_total{handler="refresh_token",code="200"} 1` + "\n",
 		`tokenswap_requests_total{handler="healthz",code="200"} 2` + "\n",
 		`tokenswap_requests_total{handler="index",code="200"} 1` + "\n",
 		"tokenswap_requests_in_flight 0\n",
-		`tokenswap_requests_total{handler="other",code="404"} 2` + "\n",
-		`tokenswap_request_duration_seconds_count{handler="token"} 6` + "\n",
-		`tokenswap_request_duration_seconds_bucket{handler="token",le="+Inf"} 6` + "\n",
+		`tokenswap_requests_total{handler="other",code="404"} 4` + "\n", // unclean paths too
+		`tokenswap_request_duration_seconds_count{handler="token"} 7` + "\n",
+		`tokenswap_request_duration_seconds_bucket{handler="token",le="+Inf"} 7` + "\n",
 		`tokenswap_spotify_requests_total{code="200"} 2` + "\n",
 		`tokenswap_spotify_requests_total{code="400"} 3` + "\n",
+		`tokenswap_spotify_requests_total{code="500"} 1` + "\n", // an answer that is not JSON still has Spotify's status
 		`tokenswap_spotify_requests_total{code="timeout"} 1` + "\n",
-		`tokenswap_spotify_request_duration_seconds_count 6` + "\n",
-		`tokenswap_spotify_request_duration_seconds_bucket{le="0.25"} 5` + "\n",
+		`tokenswap_spotify_request_duration_seconds_count 7` + "\n",
+		`tokenswap_spotify_request_duration_seconds_bucket{le="0.25"} 6` + "\n",
 		`tokenswap_rate_limited_total 1` + "\n",
 		`tokenswap_errors_total{error="invalid_grant"} 1` + "\n",
 		`tokenswap_errors_total{error="invalid_client"} 1` + "\n",
 		`tokenswap_errors_total{error="other"} 1` + "\n",
-		`tokenswap_errors_total{error="server_error"} 1` + "\n",
+		`tokenswap_errors_total{error="server_error"} 2` + "\n",
 		`tokenswap_errors_total{error="temporarily_unavailable"} 1` + "\n",
-		`tokenswap_errors_total{error="not_found"} 2` + "\n",
+		`tokenswap_errors_total{error="not_found"} 4` + "\n",
 		`tokenswap_build_info{version="v9.9.9-test"} 1` + "\n",
 		"tokenswap_client_address_fallback_total 1\n",
 		"tokenswap_connections_refused_total 3\n",
@@ -1860,12 +1938,32 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("/metrics: want one # HELP %s, then # TYPE %s %s, then its samples", name, name, kind)
 		}
 	}
-	var rss float64
-	if _, err := os.Stat("/proc/self/statm"); err == nil {
-		fmt.Sscanf(body[strings.Index(body, "\nprocess_resident_memory_bytes ")+1:], "process_resident_memory_bytes %g", &rss)
-		if rss < 1<<20 || rss > 1<<30 {
-			t.Errorf("process_resident_memory_bytes = %g, want this process's RSS, between 1 MiB and 1 GiB", rss)
+	// Each histogram's bounds strictly increasing, so that no series is
+	// listed twice.
+	last := map[string]float64{}
+	for _, m := range regexp.MustCompile(`(?m)^(\S+)_bucket\{(.*)le="([^"]+)"\} `).FindAllStringSubmatch(body, -1) {
+		le, _ := strconv.ParseFloat(m[3], 64) // +Inf parses too
+		if prev, ok := last[m[1]+m[2]]; ok && le <= prev {
+			t.Errorf("%s_bucket{%sle=%q} after le=%g: want strictly increasing bounds", m[1], m[2], m[3], prev)
 		}
+		last[m[1]+m[2]] = le
+	}
+	if len(last) != numRoutes+1 {
+		t.Errorf("/metrics has %d histograms, want %d", len(last), numRoutes+1)
+	}
+	// The resident memory is this process's RSS, as Linux reports it.
+	if status, err := os.ReadFile("/proc/self/status"); err == nil {
+		var rss, vmRSS float64
+		fmt.Sscanf(body[strings.Index(body, "\nprocess_resident_memory_bytes ")+1:], "process_resident_memory_bytes %g", &rss)
+		fmt.Sscanf(string(regexp.MustCompile(`VmRSS:.*`).Find(status)), "VmRSS: %g kB", &vmRSS)
+		if rss < vmRSS*1024/2 || rss > vmRSS*1024*2 {
+			t.Errorf("process_resident_memory_bytes = %g, want about VmRSS, %g kB", rss, vmRSS)
+		}
+	}
+	post := httptest.NewRecorder()
+	svc.server.metrics.handler("v9.9.9-test").ServeHTTP(post, httptest.NewRequest("POST", "/metrics", nil))
+	if post.Code != 405 || strings.Contains(post.Body.String(), "tokenswap_") {
+		t.Errorf("POST /metrics = %d, want 405 and no metrics", post.Code)
 	}
 	for _, line := range strings.Split(body, "\n") {
 		counter := strings.HasPrefix(line, "tokenswap_requests_total{") || strings.HasPrefix(line, "tokenswap_spotify_requests_total{") || strings.HasPrefix(line, "tokenswap_errors_total{")

@@ -38,6 +38,7 @@ import (
 	"syscall"
 	"time"
 	"unicode"
+	"unicode/utf8"
 
 	"github.com/joho/godotenv"
 )
@@ -551,8 +552,8 @@ func loadConfig(env, dotenv map[string]string) (config, error) {
 			switch {
 			case secret == placeholderSecret:
 				problem("ENCRYPTION_SECRET is still the placeholder from .env.example")
-			case len(secret) < minSecretLength:
-				problem("ENCRYPTION_SECRET: secret %d of the list has %d characters, it needs at least %d", i+1, len(secret), minSecretLength)
+			case utf8.RuneCountInString(secret) < minSecretLength:
+				problem("ENCRYPTION_SECRET: secret %d of the list has %d characters, it needs at least %d", i+1, utf8.RuneCountInString(secret), minSecretLength)
 			}
 		}
 		var err error
@@ -669,33 +670,47 @@ func lookalikes(env map[string]string) []string {
 		if slices.ContainsFunc(settings, func(s setting) bool { return s.name == name }) {
 			continue
 		}
-		closest, distance := "", 0
-		for _, s := range settings {
-			d := editDistance(shape(name), shape(s.name))
-			if closest == "" || d < distance {
-				closest, distance = s.name, d
+		// Closest: the most words in common, then the fewest edits between
+		// the shapes, then between the names.
+		rank := func(s setting) []int {
+			common := 0
+			for _, w := range words(name) {
+				if slices.Contains(words(s.name), w) {
+					common--
+				}
 			}
+			return []int{common, editDistance(shape(name), shape(s.name)), editDistance(name, s.name)}
 		}
-		if distance == 0 || slices.ContainsFunc(strings.Fields(settingPrefixes), func(p string) bool { return strings.HasPrefix(name, p) }) {
-			warnings = append(warnings, fmt.Sprintf("%s is not a setting of this service: a typo of %s?", name, closest))
+		closest := slices.MinFunc(settings, func(a, b setting) int { return slices.Compare(rank(a), rank(b)) })
+		if rank(closest)[1] == 0 || slices.ContainsFunc(strings.Fields(settingPrefixes), func(p string) bool { return strings.HasPrefix(name, p) }) {
+			warnings = append(warnings, fmt.Sprintf("%s is not a setting of this service: a typo of %s?", name, closest.name))
 		}
 	}
 	slices.Sort(warnings)
 	return warnings
 }
 
-// shape is a variable's name as look-alikes compare it: with this
+// words are a variable's words as look-alikes compare them: with this
 // service's words for other services' (CALLBACK URL for REDIRECT URI, TRUST
-// PROXY for TRUSTED PROXIES), without underscores, and without the SPOTIFY
-// and CLIENT they may put in front.
-func shape(name string) string {
-	words := strings.Split(name, "_")
+// PROXY for TRUSTED PROXIES), without the SPOTIFY and CLIENT they may put in
+// front.
+func words(name string) []string {
+	ws := strings.Split(name, "_")
 	ours := map[string]string{"REDIRECT": "CALLBACK", "URI": "URL", "TRUSTED": "TRUST", "PROXIES": "PROXY",
 		"METRIC": "METRICS", "ORIGIN": "ORIGINS", "CONNECTIONS": "CONNECTION"}
-	for i, w := range words {
-		words[i] = cmp.Or(ours[w], w)
+	for i, w := range ws {
+		ws[i] = cmp.Or(ours[w], w)
 	}
-	s := strings.Join(words, "")
+	for len(ws) > 1 && (ws[0] == "SPOTIFY" || ws[0] == "CLIENT") {
+		ws = ws[1:]
+	}
+	return ws
+}
+
+// shape is a variable's words run together, without a SPOTIFY or CLIENT
+// run into the first: SPOTIFY_CLIENTID is ID.
+func shape(name string) string {
+	s := strings.Join(words(name), "")
 	for _, front := range []string{"SPOTIFY", "CLIENT"} {
 		if rest, ok := strings.CutPrefix(s, front); ok && rest != "" {
 			s = rest

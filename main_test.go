@@ -119,6 +119,14 @@ func TestLookalikeSettings(t *testing.T) {
 		"SPOTIFY_PORT":              "PORT",
 		"SHUTDOWN_DELAY_S":          "SHUTDOWN_DELAY",
 		"SHUTDOWN_TIMEOUT":          "SHUTDOWN_DELAY",
+		"CORS_ORIGIN":               "CORS_ALLOWED_ORIGINS", // as other services name it
+		"TRUST_PROXY_COUNT":         "TRUST_PROXY",
+		"SPOTIFY_TIMEOUTS":          "SPOTIFY_TIMEOUT",
+		"SPOTIFY_TIME":              "SPOTIFY_TIMEOUT", // as near ID as TIMEOUT by shape: the whole name decides
+		"SPOTIFY_URL":               "SPOTIFY_ACCOUNTS_URL",
+		"SPOTIFY_LIMIT":             "RATE_LIMIT",
+		"SPOTIFY_ACCOUNTS":          "SPOTIFY_ACCOUNTS_URL",
+		"SPOTIFY_CLIENT_CALLBACK":   "SPOTIFY_CLIENT_CALLBACK_URL",
 		"HOME":                      "", // not ours
 		"PATH":                      "", // two letters from PORT, and no look-alike
 		"HOSTNAME":                  "",
@@ -188,6 +196,8 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"secret placeholder", map[string]string{"ENCRYPTION_SECRET": placeholderSecret}, []string{"ENCRYPTION_SECRET is still the placeholder"}},
 		{"secret short", map[string]string{"ENCRYPTION_SECRET": strings.Repeat("s", 31)}, []string{"ENCRYPTION_SECRET: secret 1 of the list has 31 characters"}},
 		{"second secret short", map[string]string{"ENCRYPTION_SECRET": testSecret + ",short"}, []string{"ENCRYPTION_SECRET: secret 2 of the list has 5 characters"}},
+		{"secret short in characters, long in bytes", map[string]string{"ENCRYPTION_SECRET": strings.Repeat("é", 16)}, []string{"ENCRYPTION_SECRET: secret 1 of the list has 16 characters"}},
+		{"second secret the placeholder", map[string]string{"ENCRYPTION_SECRET": testSecret + "," + placeholderSecret}, []string{"ENCRYPTION_SECRET is still the placeholder"}},
 		{"origin with a trailing slash", map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com/"}, []string{`CORS_ALLOWED_ORIGINS: "https://app.example.com/" has a path, which an origin never has: write https://app.example.com`}},
 		{"origin with a path, as GitHub Pages shows it", map[string]string{"CORS_ALLOWED_ORIGINS": "https://user.github.io/repo"}, []string{"write https://user.github.io"}},
 		{"origin a prefix of another's", map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com, https://"}, []string{`CORS_ALLOWED_ORIGINS: "https://" is not an origin`}},
@@ -197,6 +207,9 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"accounts URL on a look-alike of localhost", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://localhost.attacker.example"}, []string{"plain http to another machine"}},
 		{"accounts URL on a name made of a loopback address", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://127.0.0.1.nip.io:8080"}, []string{"plain http to another machine"}},
 		{"accounts URL on the unspecified address", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://0.0.0.0:8080"}, []string{"plain http to another machine"}},
+		{"accounts URL on a name ending in localhost", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://notlocalhost:8080"}, []string{"plain http to another machine"}},
+		{"accounts URL with a password and a bad scheme", map[string]string{"SPOTIFY_ACCOUNTS_URL": "ftp://user:hunter2-password@accounts.example"}, []string{"must not hold a user or password"}},
+		{"accounts URL with a password and a query", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://user:hunter2-password@accounts.example/?x=1"}, []string{"must not hold a user or password"}},
 		{"accounts URL in capitals, in clear", map[string]string{"SPOTIFY_ACCOUNTS_URL": "HTTP://accounts.spotify.com"}, []string{"plain http to another machine"}},
 		{"accounts URL with a user on loopback", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://localhost@accounts.spotify.com"}, []string{"must not hold a user or password"}},
 		{"trust proxy trusting everyone", map[string]string{"TRUST_PROXY": "10.0.0.0/8, 0.0.0.0/0"}, []string{"0.0.0.0/0 trusts every address"}},
@@ -272,12 +285,13 @@ func TestLoadConfigProblems(t *testing.T) {
 func TestEmptyVariablesHideDotenv(t *testing.T) {
 	t.Parallel()
 	dotenv := map[string]string{
+		"PORT":                  "8081",
 		"SPOTIFY_CLIENT_SECRET": "secret-from-dotenv",
 		"ENCRYPTION_SECRET":     testSecret,
 		"CORS_ALLOWED_ORIGINS":  "https://app.example.com",
 		"RATE_LIMIT":            "10/min",
 	}
-	env := testEnv("https://accounts.spotify.com", map[string]string{"SPOTIFY_CLIENT_SECRET": "", "ENCRYPTION_SECRET": " ", "CORS_ALLOWED_ORIGINS": ""})
+	env := testEnv("https://accounts.spotify.com", map[string]string{"SPOTIFY_CLIENT_SECRET": "", "ENCRYPTION_SECRET": " ", "CORS_ALLOWED_ORIGINS": "", "PORT": ""})
 	_, err := loadConfig(env, dotenv)
 	if err == nil || !strings.Contains(err.Error(), "SPOTIFY_CLIENT_SECRET is empty in the environment, which hides the value that .env gives it") ||
 		strings.Contains(err.Error(), "SPOTIFY_CLIENT_SECRET is not set") || strings.Contains(err.Error(), "secret-from-dotenv") {
@@ -290,10 +304,11 @@ func TestEmptyVariablesHideDotenv(t *testing.T) {
 	want := []string{
 		`SPOTIFY_CLIENT_CALLBACK_URL: "http://localhost:8888/callback" is on localhost, which Spotify refuses in redirect URIs: register and use 127.0.0.1 or [::1] instead`,
 		`SPOTIFY_CLIENT_CALLBACK_URL: "http://LocalHost/cb" is on localhost, which Spotify refuses in redirect URIs: register and use 127.0.0.1 or [::1] instead`,
+		"PORT is empty in the environment, which hides the value that .env gives it: it is 8080; unset the variable to use .env's",
 		"ENCRYPTION_SECRET is empty in the environment, which hides the value that .env gives it: it is off; unset the variable to use .env's",
 		"CORS_ALLOWED_ORIGINS is empty in the environment, which hides the value that .env gives it: it is off; unset the variable to use .env's",
 	}
-	if err != nil || !slices.Equal(cfg.warnings, want) || cfg.sealer != nil || cfg.corsOrigins != nil || len(cfg.callbackURLs) != 4 {
+	if err != nil || !slices.Equal(cfg.warnings, want) || cfg.sealer != nil || cfg.corsOrigins != nil || len(cfg.callbackURLs) != 4 || cfg.port != "8080" {
 		t.Errorf("loadConfig with ENCRYPTION_SECRET and CORS_ALLOWED_ORIGINS empty over .env's: %v, warnings\n%s\nwant\n%s\nand sealing and CORS off, every callback kept",
 			err, strings.Join(cfg.warnings, "\n"), strings.Join(want, "\n"))
 	}
@@ -471,6 +486,26 @@ func TestHealthcheck(t *testing.T) {
 	if err := run(t.Context(), []string{"-healthcheck"}, env, nil, io.Discard, io.Discard); err == nil {
 		t.Errorf("run -healthcheck against a stopped service = nil, want an error")
 	}
+	// A service that takes the connection and never answers: it gives up
+	// after its 2 s, as a container health check must.
+	mute, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mute.Close()
+	done := make(chan error, 1)
+	go func() {
+		port := strconv.Itoa(mute.Addr().(*net.TCPAddr).Port)
+		done <- run(t.Context(), []string{"-healthcheck"}, map[string]string{"PORT": port}, nil, io.Discard, io.Discard)
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Errorf("run -healthcheck against a service that never answers = nil, want an error")
+		}
+	case <-time.After(10 * time.Second): // a bound, should it wait for ever
+		t.Errorf("run -healthcheck against a service that never answers still waits after 10 s, want it to give up after 2 s")
+	}
 	// Without PORT it asks the default port. (Something may listen there:
 	// then it must have answered.)
 	err = run(t.Context(), []string{"-healthcheck"}, testEnv("", nil), nil, io.Discard, io.Discard)
@@ -515,6 +550,58 @@ func TestShutdownGraceRunsOut(t *testing.T) {
 	}
 }
 
+// running is the whole program, run in this process, and its log.
+type running struct {
+	lines chan string // the log, a line at a time
+	done  chan error  // what run returned
+	stop  func()      // as SIGTERM does
+	line  string      // the line next returned last
+}
+
+// startRun runs the program with env until the test ends.
+func startRun(t *testing.T, env map[string]string) *running {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	t.Cleanup(cancel)
+	r := &running{lines: make(chan string, 100), done: make(chan error, 1), stop: cancel}
+	logs, logWriter := io.Pipe()
+	go func() {
+		r.done <- run(ctx, nil, env, nil, io.Discard, logWriter)
+		logWriter.Close()
+	}()
+	go func() {
+		for scanner := bufio.NewScanner(logs); scanner.Scan(); {
+			r.lines <- scanner.Text()
+		}
+		close(r.lines)
+	}()
+	return r
+}
+
+// next skips to the log line with the message msg, and returns its level,
+// its reason and its address as a URL, where it has them.
+func (r *running) next(t *testing.T, msg string) (level, reason, url string) {
+	t.Helper()
+	bound := time.After(10 * time.Second) // should the line never come
+	for {
+		select {
+		case text, ok := <-r.lines:
+			if !ok {
+				t.Fatalf("the log ended before %q; run returned %v", msg, <-r.done)
+			}
+			var line struct{ Level, Msg, Reason, Addr string }
+			json.Unmarshal([]byte(text), &line)
+			if line.Msg == msg {
+				r.line = text
+				_, port, _ := net.SplitHostPort(line.Addr)
+				return line.Level, line.Reason, "http://127.0.0.1:" + port
+			}
+		case <-bound:
+			t.Fatalf("no %q in the log within 10 s", msg)
+		}
+	}
+}
+
 // TestRunServesUntilCancelled runs the whole program: it warns of a setting
 // misspelt, listens on a free port and serves a swap, serves /metrics on its
 // own port only, and once its context is done fails /healthz while it keeps
@@ -522,54 +609,16 @@ func TestShutdownGraceRunsOut(t *testing.T) {
 func TestRunServesUntilCancelled(t *testing.T) {
 	t.Parallel()
 	spotify := newFakeSpotify(t, likeSpotify)
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
 	const delay = time.Second
-	env := testEnv(spotify.url, map[string]string{"PORT": "0", "METRICS_ADDR": "127.0.0.1:0", "SHUTDOWN_DELAY": delay.String(), "RATE_LIMITS": "5/min"})
-	logs, logWriter := io.Pipe()
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, nil, env, nil, io.Discard, logWriter)
-		logWriter.Close()
-	}()
-	lines := make(chan string, 100)
-	go func() {
-		for scanner := bufio.NewScanner(logs); scanner.Scan(); {
-			lines <- scanner.Text()
-		}
-		close(lines)
-	}()
-	// next skips to the line with the message msg, and returns its level, its
-	// reason and its address, where it has them; startLine is the whole line.
-	var startLine string
-	next := func(msg string) (level, reason, url string) {
-		t.Helper()
-		bound := time.After(10 * time.Second) // should the line never come
-		for {
-			select {
-			case text, ok := <-lines:
-				if !ok {
-					t.Fatalf("the log ended before %q; run returned %v", msg, <-done)
-				}
-				var line struct{ Level, Msg, Reason, Addr string }
-				json.Unmarshal([]byte(text), &line)
-				if line.Msg == msg {
-					startLine = text
-					_, port, _ := net.SplitHostPort(line.Addr)
-					return line.Level, line.Reason, "http://127.0.0.1:" + port
-				}
-			case <-bound:
-				t.Fatalf("no %q in the log within 10 s", msg)
-			}
-		}
-	}
+	prog := startRun(t, testEnv(spotify.url, map[string]string{"PORT": "0", "METRICS_ADDR": "127.0.0.1:0", "SHUTDOWN_DELAY": delay.String(), "RATE_LIMITS": "5/min"}))
+	next := func(msg string) (string, string, string) { t.Helper(); return prog.next(t, msg) }
 	if level, _, _ := next("RATE_LIMITS is not a setting of this service: a typo of RATE_LIMIT?"); level != "WARN" {
 		t.Errorf("the warning of a misspelt setting has level %s, want WARN", level)
 	}
 	_, _, metricsURL := next("serving metrics")
 	_, _, serviceURL := next("listening")
-	if !strings.Contains(startLine, `"sealing":false,"cors":false,"rate_limit":"off","trust_proxy":"0","connection_limit":256}`) {
-		t.Errorf("the listening line %s does not say which features are on", startLine)
+	if !strings.Contains(prog.line, `"sealing":false,"cors":false,"rate_limit":"off","trust_proxy":"0","connection_limit":256}`) {
+		t.Errorf("the listening line %s does not say which features are on", prog.line)
 	}
 
 	got := send(t, "POST", serviceURL+tokenPath, noneType, "code=AQDrun")
@@ -582,7 +631,7 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	checkError(t, "GET /metrics on PORT", send(t, "GET", serviceURL+"/metrics", noneType, ""), 404, "not_found")
 
 	stopped := time.Now()
-	cancel() // as SIGTERM does
+	prog.stop() // as SIGTERM does
 	next("stopping")
 	got = send(t, "GET", serviceURL+"/healthz", noneType, "")
 	if got.status != 503 || got.body != `{"status":"stopping"}` || !got.close {
@@ -597,11 +646,65 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	}
 	next("draining")
 	next("stopped")
-	if err := <-done; err != nil {
+	if err := <-prog.done; err != nil {
 		t.Errorf("run after cancel = %v, want nil", err)
 	}
 	if took := time.Since(stopped); took < delay {
 		t.Errorf("run returned %v after SIGTERM, want it to serve for SHUTDOWN_DELAY=%v first", took, delay)
+	}
+}
+
+// TestRunLimitsItsListeners runs the whole program with CONNECTION_LIMIT=2:
+// on its own port a third connection from one address is closed unanswered
+// where the TCP peer is the client, not behind a count of proxies; on the
+// metrics port always; the metrics listener refuses 16 KiB of headers; and
+// what the HTTP server itself reports reaches the log as a JSON line.
+func TestRunLimitsItsListeners(t *testing.T) {
+	t.Parallel()
+	spotify := newFakeSpotify(t, likeSpotify)
+	// served dials addr from 127.0.0.1 and reports whether a request there
+	// is answered; a connection over the cap sees it closed at once.
+	served := func(t *testing.T, url string) bool {
+		t.Helper()
+		conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+		answer := make([]byte, 12)
+		n, err := io.ReadFull(conn, answer)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("a connection to %s neither answered nor closed within 5 s", url)
+		}
+		return n == len(answer)
+	}
+	for _, trust := range []string{"0", "1"} {
+		t.Run("TRUST_PROXY="+trust, func(t *testing.T) {
+			t.Parallel()
+			prog := startRun(t, testEnv(spotify.url, map[string]string{"PORT": "0", "METRICS_ADDR": "127.0.0.1:0", "CONNECTION_LIMIT": "2", "TRUST_PROXY": trust}))
+			_, _, metricsURL := prog.next(t, "serving metrics")
+			_, _, serviceURL := prog.next(t, "listening")
+			for _, url := range []string{serviceURL, metricsURL} {
+				capped := url == metricsURL || trust == "0"
+				first, second, third := served(t, url), served(t, url), served(t, url)
+				if !first || !second || third == capped {
+					t.Errorf("%s, CONNECTION_LIMIT=2: served %v, %v, %v; want 2 connections served and a 3rd %s", url, first, second, third, map[bool]string{true: "closed", false: "served"}[capped])
+				}
+			}
+			if trust == "1" {
+				return
+			}
+			req, _ := http.NewRequest("GET", metricsURL+"/metrics", nil)
+			req.Header.Set("X-Padding", strings.Repeat("p", 16<<10))
+			req.Close = true
+			// From another address: 127.0.0.1 holds its two already.
+			client := &http.Client{Transport: &http.Transport{DialContext: (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}).DialContext}}
+			if resp, err := client.Do(req); err != nil || resp.StatusCode != 431 {
+				t.Errorf("GET /metrics with 16 KiB of headers = %v, %v; want 431, the server's limits", resp, err)
+			}
+		})
 	}
 }
 
@@ -867,6 +970,13 @@ func TestServerLimits(t *testing.T) {
 			t.Errorf("GET /healthz with a %d KiB header = %d, want %d", size>>10, got.status, want)
 		}
 	}
+	// What net/http itself reports (a handler's panic, an accept error)
+	// goes to the service's log, as a JSON line.
+	var log syncBuffer
+	newHTTPServer(cfg, nil, slog.New(slog.NewJSONHandler(&log, nil))).ErrorLog.Print("http: Accept error: too many open files")
+	if !strings.Contains(log.String(), `"level":"WARN","msg":"http: Accept error: too many open files"`) {
+		t.Errorf("the server's own error log wrote %q, want a JSON WARN line", log.String())
+	}
 	// With SPOTIFY_TIMEOUT=30s, a 20 s answer from Spotify must still reach
 	// the client: the write timeout starts when the request is read.
 	if w := srv.Config.WriteTimeout; w < cfg.readTimeout+cfg.spotifyTimeout {
@@ -1068,6 +1178,15 @@ func TestMainExitStatus(t *testing.T) {
 	refusing := newFakeSpotify(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
 		spotifyError(w, 400, "invalid_client", "Invalid client secret")
 	})
+	failing := newFakeSpotify(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
+		spotifyError(w, 500, "server_error", "Internal error")
+	})
+	closed, err := net.Listen("tcp", "127.0.0.1:0") // a port nothing listens on
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed.Close()
+	closedPort := "PORT=" + strconv.Itoa(closed.Addr().(*net.TCPAddr).Port)
 	example, err := os.ReadFile(".env.example")
 	if err != nil {
 		t.Fatal(err)
@@ -1101,6 +1220,10 @@ func TestMainExitStatus(t *testing.T) {
 			wantOut: []string{"warning: CORS_ALLOWED_ORIGIN is not a setting of this service: a typo of CORS_ALLOWED_ORIGINS?", "ok: credentials accepted"}},
 		{name: "check: credentials refused", dotenv: credentials, env: []string{"SPOTIFY_ACCOUNTS_URL=" + refusing.url}, args: []string{"-check"}, wantStatus: 1,
 			wantOut: []string{"invalid_client: Invalid client secret"}, notWant: []string{testClientSecret}},
+		{name: "check: Spotify failing is no success", dotenv: credentials, env: []string{"SPOTIFY_ACCOUNTS_URL=" + failing.url}, args: []string{"-check"}, wantStatus: 1,
+			wantOut: []string{"answered 500: server_error"}, notWant: []string{"ok:"}},
+		{name: "healthcheck: nothing listens", env: []string{closedPort}, args: []string{"-healthcheck"}, wantStatus: 1, wantOut: []string{"healthcheck:"}},
+		{name: "healthcheck: PORT is no port", env: []string{"PORT=http"}, args: []string{"-healthcheck"}, wantStatus: 2, wantOut: []string{`PORT: "http"`}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

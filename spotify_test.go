@@ -58,24 +58,27 @@ func TestOpenRefuses(t *testing.T) {
 		return string(b)
 	}
 	bad := map[string]string{
-		"a raw Spotify token":      "AQBrefresh",
-		"empty":                    "",
-		"the prefix alone":         sealPrefix,
-		"without the prefix":       strings.TrimPrefix(sealed, sealPrefix),
-		"another version":          "v2." + strings.TrimPrefix(sealed, sealPrefix),
-		"first byte changed":       flip(len(sealPrefix)),
-		"a middle byte changed":    flip(len(sealed) / 2),
-		"last byte changed":        flip(len(sealed) - 1),
-		"truncated":                sealed[:len(sealed)-1],
-		"one byte more":            sealed + "A",
-		"base64 padding":           sealed + "==",
-		"standard base64":          strings.NewReplacer("-", "+", "_", "/").Replace(sealed) + "+/",
-		"sealed under another key": newTestSealer(t, strings.Repeat("k", 32)).seal("AQBrefresh"),
-		"trailing space":           sealed + " ",
-		"a newline inside":         sealed[:10] + "\n" + sealed[10:],
-		"a CRLF at the end":        sealed + "\r\n",
-		"not base64":               sealPrefix + "!!!!",
-		"shorter than a GCM tag":   sealPrefix + "AAAA",
+		"a raw Spotify token":          "AQBrefresh",
+		"empty":                        "",
+		"the prefix alone":             sealPrefix,
+		"without the prefix":           strings.TrimPrefix(sealed, sealPrefix),
+		"another version":              "v2." + strings.TrimPrefix(sealed, sealPrefix),
+		"first byte changed":           flip(len(sealPrefix)),
+		"a middle byte changed":        flip(len(sealed) / 2),
+		"last byte changed":            flip(len(sealed) - 1),
+		"truncated":                    sealed[:len(sealed)-1],
+		"one byte more":                sealed + "A",
+		"base64 padding":               sealed + "==",
+		"standard base64":              strings.NewReplacer("-", "+", "_", "/").Replace(sealed) + "+/",
+		"sealed under another key":     newTestSealer(t, strings.Repeat("k", 32)).seal("AQBrefresh"),
+		"trailing space":               sealed + " ",
+		"a newline inside":             sealed[:10] + "\n" + sealed[10:],
+		"a carriage return inside":     sealed[:10] + "\r" + sealed[10:],
+		"a carriage return at the end": sealed + "\r",
+		"a CRLF at the end":            sealed + "\r\n",
+		"a tab inside":                 sealed[:10] + "\t" + sealed[10:],
+		"not base64":                   sealPrefix + "!!!!",
+		"shorter than a GCM tag":       sealPrefix + "AAAA",
 	}
 	for name, token := range bad {
 		if got, err := s.open(token); !errors.Is(err, errNotSealed) || got != "" {
@@ -415,12 +418,19 @@ func TestBasicCredentials(t *testing.T) {
 		io.WriteString(w, `{"access_token":"app"}`)
 	}))
 	defer spotify.Close()
-	c := newSpotifyClient(spotify.URL, "id1", "secret", time.Second) // "id1:secret", 10 bytes
-	if _, err := c.clientCredentials(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	if auth := <-got; auth != "Basic aWQxOnNlY3JldA==" {
-		t.Errorf("Authorization = %q, want Basic aWQxOnNlY3JldA==", auth)
+	// Spelled out: base64 of "id1:secret", and of the credentials as they
+	// are, not form-encoded first (RFC 6749 2.3.1 would; Spotify does not).
+	for _, tt := range []struct{ id, secret, want string }{
+		{"id1", "secret", "Basic aWQxOnNlY3JldA=="},
+		{"id:1", "a+b/c= d%", "Basic aWQ6MTphK2IvYz0gZCU="},
+	} {
+		c := newSpotifyClient(spotify.URL, tt.id, tt.secret, time.Second)
+		if _, err := c.clientCredentials(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		if auth := <-got; auth != tt.want {
+			t.Errorf("client %q, secret %q: Authorization = %q, want %s", tt.id, tt.secret, auth, tt.want)
+		}
 	}
 }
 
