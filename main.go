@@ -697,7 +697,7 @@ func lookalikes(env map[string]string) []string {
 func words(name string) []string {
 	ws := strings.Split(name, "_")
 	ours := map[string]string{"REDIRECT": "CALLBACK", "URI": "URL", "TRUSTED": "TRUST", "PROXIES": "PROXY",
-		"METRIC": "METRICS", "ORIGIN": "ORIGINS", "CONNECTIONS": "CONNECTION"}
+		"METRIC": "METRICS", "CONNECTIONS": "CONNECTION"}
 	for i, w := range ws {
 		ws[i] = cmp.Or(ours[w], w)
 	}
