@@ -237,11 +237,11 @@ const maxClients = 1 << 16
 // /48 may make 16 times as many as its /64s, so that its 65,536 of them do
 // not add up to an unlimited client.
 type limiter struct {
-	// host and network are the limits of an address (or /64) and of a /48.
-	host, network struct{ interval, burst time.Duration }
-	now           func() time.Time
-	epoch         time.Time // times in tat count from here: 8 bytes each, not time.Time's 24, and never negative
-	mu            sync.Mutex
+	n      int           // requests at once per client
+	period time.Duration // in which a client may make n
+	now    func() time.Time
+	epoch  time.Time // times in tat count from here: 8 bytes each, not time.Time's 24, and never negative
+	mu     sync.Mutex
 	// tat is each client's theoretical arrival time: when it would have
 	// its whole allowance back. A client whose tat has passed is as good
 	// as new, so it may be forgotten.
@@ -255,20 +255,19 @@ type limiter struct {
 // newLimiter allows n requests at once per client, and n per period, by
 // the clock now (time.Now, or a test's).
 func newLimiter(n int, period time.Duration, now func() time.Time) *limiter {
-	l := &limiter{now: now, epoch: now(), tat: make(map[clientKey]time.Duration)}
-	l.host.interval = period / time.Duration(n)
-	l.host.burst = time.Duration(n-1) * l.host.interval
-	l.network.interval = l.host.interval / 16
-	l.network.burst = time.Duration(16*n-1) * l.network.interval
-	return l
+	return &limiter{n: n, period: period, now: now, epoch: now(), tat: make(map[clientKey]time.Duration)}
 }
 
-// limits returns the interval and burst of key's kind of client.
+// limits returns the interval and the burst (how far ahead of now a
+// client's schedule may run) of key's kind of client: an IPv6 /48 may make
+// 16 times as many requests as an address or a /64.
 func (l *limiter) limits(key clientKey) (interval, burst time.Duration) {
+	n := l.n
 	if key.bits == 48 {
-		return l.network.interval, l.network.burst
+		n *= 16
 	}
-	return l.host.interval, l.host.burst
+	interval = l.period / time.Duration(n)
+	return interval, time.Duration(n-1) * interval
 }
 
 // wait counts a request of client's and returns 0 if it may go ahead, or

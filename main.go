@@ -671,7 +671,7 @@ func lookalikes(env map[string]string) []string {
 			continue
 		}
 		// Closest: the most words in common, then the fewest edits between
-		// the shapes, then between the names.
+		// the words run together, then between the names.
 		rank := func(s setting) []int {
 			common := 0
 			for _, w := range words(name) {
@@ -679,7 +679,7 @@ func lookalikes(env map[string]string) []string {
 					common--
 				}
 			}
-			return []int{common, editDistance(shape(name), shape(s.name)), editDistance(name, s.name)}
+			return []int{common, editDistance(strings.Join(words(name), ""), strings.Join(words(s.name), "")), editDistance(name, s.name)}
 		}
 		closest := slices.MinFunc(settings, func(a, b setting) int { return slices.Compare(rank(a), rank(b)) })
 		if rank(closest)[1] == 0 || slices.ContainsFunc(strings.Fields(settingPrefixes), func(p string) bool { return strings.HasPrefix(name, p) }) {
@@ -705,18 +705,6 @@ func words(name string) []string {
 		ws = ws[1:]
 	}
 	return ws
-}
-
-// shape is a variable's words run together, without a SPOTIFY or CLIENT
-// run into the first: SPOTIFY_CLIENTID is ID.
-func shape(name string) string {
-	s := strings.Join(words(name), "")
-	for _, front := range []string{"SPOTIFY", "CLIENT"} {
-		if rest, ok := strings.CutPrefix(s, front); ok && rest != "" {
-			s = rest
-		}
-	}
-	return s
 }
 
 // editDistance is the Levenshtein distance between a and b.
