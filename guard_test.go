@@ -87,6 +87,7 @@ func TestClientAddress(t *testing.T) {
 		{"Fly-Client-IP", proxy, []string{"Fly-Client-IP: " + client, "X-Forwarded-For: 1.1.1.1"}, client, false},
 		{"fly-client-ip", proxy, []string{"Fly-Client-IP: " + client}, client, false},
 		{"CF-Connecting-IP", proxy, []string{"Cf-Connecting-Ip: 1.1.1.1", "Cf-Connecting-Ip: " + client}, client, false}, // several: the last
+		{"CF-Connecting-IP", proxy, []string{"Cf-Connecting-Ip: 1.1.1.1, " + client}, client, false},                     // on one line too
 		{"True-Client-IP", proxy, []string{"True-Client-IP: " + client + ":443"}, client, false},
 		{"X-Real-IP", proxy, []string{"X-Forwarded-For: " + client}, "10.0.0.2", true}, // missing while X-Forwarded-For is there
 		{"X-Real-IP", proxy, nil, "10.0.0.2", false},
@@ -106,7 +107,7 @@ func TestClientAddress(t *testing.T) {
 			t.Errorf("%s: client %s, want %s", what, got, tt.want)
 		}
 		g.client(r) // a second time: counted again, not logged again
-		if fell, n := g.metrics.clientFallbacks.Load(), strings.Count(log.String(), "falls back to the TCP peer"); fell != uint64(2*boolToInt(tt.fallback)) || n != boolToInt(tt.fallback) {
+		if fell, n := g.metrics.clientFallbacks.Load(), strings.Count(log.String(), `"level":"WARN","msg":"the forwarding header entry`); fell != uint64(2*boolToInt(tt.fallback)) || n != boolToInt(tt.fallback) {
 			t.Errorf("%s: %d fallbacks counted and %d logged, want %d and %d", what, fell, n, 2*boolToInt(tt.fallback), boolToInt(tt.fallback))
 		}
 	}
@@ -142,8 +143,12 @@ func TestParseTrustProxy(t *testing.T) {
 		"Fly_Client_IP":              `error TRUST_PROXY: "Fly_Client_IP" is neither`,
 		"10.0.0.0/8,":                `error TRUST_PROXY: "10.0.0.0/8," is neither`,
 		"10.0.0.300":                 `error TRUST_PROXY: "10.0.0.300" is neither`,
-		"0.0.0.0/0":                  "error TRUST_PROXY: 0.0.0.0/0 trusts every address",
-		"10.0.0.0/8, ::/0":           "error TRUST_PROXY: ::/0 trusts every address",
+		"0.0.0.0/0":                  "error TRUST_PROXY: 0.0.0.0/0 trusts far more than a proxy's addresses",
+		"10.0.0.0/8, ::/0":           "error TRUST_PROXY: ::/0 trusts far more",
+		"0.0.0.0/1, 128.0.0.0/1":     "error TRUST_PROXY: 0.0.0.0/1 trusts far more", // everyone, in halves
+		"10.0.0.0/7":                 "error TRUST_PROXY: 10.0.0.0/7 trusts far more",
+		"fc00::/7, 10.0.0.0/8":       "proxies [fc00::/7 10.0.0.0/8]", // the private ranges
+		"f800::/6":                   "error TRUST_PROXY: f800::/6 trusts far more",
 	} {
 		trust, err := parseTrustProxy(setting)
 		got := fmt.Sprintf("hops %d", trust.hops)
@@ -342,11 +347,15 @@ func TestLimiterUnderAFlood(t *testing.T) {
 		t.Errorf("the table holds %d clients, want at most 65,536", n)
 	}
 
-	// Every client in the table over its limit: a new address is refused
-	// for a second, without a sweep, until the first one comes back.
+	// Every client in the table, all 65,536 of them, over its limit: a new
+	// address is refused for a second, without a sweep, until the first
+	// one comes back.
 	clock.advance(2 * time.Hour)
-	for i := range maxClients {
-		for range 4 {
+	for i := range 65_536 {
+		if w := wait(addr(i)); w != 0 {
+			t.Fatalf("new address %d of 65,536: wait %v, want 0: the table holds 65,536 clients", i+1, w)
+		}
+		for range 3 {
 			wait(addr(i))
 		}
 	}
@@ -360,7 +369,7 @@ func TestLimiterUnderAFlood(t *testing.T) {
 		g.allow(netip.MustParseAddr("198.51.100.7"))
 	}
 	g.allow(netip.MustParseAddr("2001:db8:ffff::1"))
-	if n, warned := g.metrics.rateLimited.Load(), strings.Count(log.String(), "table is full"); n != 4 || warned != 1 {
+	if n, warned := g.metrics.rateLimited.Load(), strings.Count(log.String(), `"level":"WARN","msg":"the rate limiter's table is full`); n != 4 || warned != 1 {
 		t.Errorf("4 new addresses against a full table: %d counted as limited, %d warnings; want 4 and 1", n, warned)
 	}
 	// No scan of the table for each: 20,000 more new addresses cost about
@@ -451,6 +460,7 @@ func TestConnectionLimit(t *testing.T) {
 		{"1", false, false},         // behind a count, the peer is a proxy
 		{"Fly-Client-IP", false, false},
 		{"1", true, true}, // on the metrics listener, every peer is capped
+		{"127.0.0.1", true, true},
 	} {
 		t.Run(fmt.Sprintf("TRUST_PROXY=%s,direct=%v", tt.setting, tt.direct), func(t *testing.T) {
 			t.Parallel()
@@ -475,7 +485,7 @@ func TestConnectionLimit(t *testing.T) {
 			if _, served := open(t, "127.0.0.2", addr); !served {
 				t.Errorf("another address's first connection was not served")
 			}
-			if n, warned := g.metrics.connectionsRefused.Load(), strings.Count(log.String(), "CONNECTION_LIMIT"); n != 2 || warned != 1 {
+			if n, warned := g.metrics.connectionsRefused.Load(), strings.Count(log.String(), `"level":"WARN","msg":"a client address holds CONNECTION_LIMIT`); n != 2 || warned != 1 {
 				t.Errorf("%d connections refused and %d warnings, want 2 and 1", n, warned)
 			}
 			first.Close()
@@ -544,18 +554,19 @@ func TestRateLimit(t *testing.T) {
 		t.Errorf("third POST: no Access-Control-Allow-Origin, so the page cannot read its 429")
 	}
 	checkError(t, "fourth POST, at the other endpoint", send(t, "POST", svc.url+refreshPath, jsonType, `{"refresh_token":"AQB"}`), 429, "temporarily_unavailable")
+	checkError(t, "fifth POST, declaring a body over 64 KiB", postDeclaring100MB(t, svc.url), 429, "temporarily_unavailable")
 	if got := send(t, "GET", svc.url+"/healthz", noneType, ""); got.status != 200 {
 		t.Errorf("GET /healthz over the limit = %d, want 200", got.status)
 	}
 	if forms := svc.spotify.received(); len(forms) != 1 {
 		t.Errorf("Spotify received %d requests, want 1: a refused request must not reach it", len(forms))
 	}
-	if n := svc.server.metrics.rateLimited.Load(); n != 2 {
-		t.Errorf("tokenswap_rate_limited_total = %d, want 2", n)
+	if n := svc.server.metrics.rateLimited.Load(); n != 3 {
+		t.Errorf("tokenswap_rate_limited_total = %d, want 3", n)
 	}
 	svc.close()
 	lines := logLines(t, svc.log.String())
-	last := lines[len(lines)-3] // the third POST
+	last := lines[len(lines)-4] // the third POST
 	if last.Status != 429 || last.Error != "temporarily_unavailable" || !strings.Contains(last.Reason, "RATE_LIMIT") || last.Client != "127.0.0.1" {
 		t.Errorf("log line of a refused request = %+v, want 429 temporarily_unavailable, why (RATE_LIMIT), client 127.0.0.1", last)
 	}

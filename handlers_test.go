@@ -566,6 +566,8 @@ func TestRefusesBadRequests(t *testing.T) {
 		{"form sent as JSON", "POST", tokenPath, jsonType, `code=a`, 400, "invalid_request"},
 		{"text/plain", "POST", tokenPath, "text/plain;charset=UTF-8", "code=a", 415, "invalid_request"},
 		{"multipart", "POST", refreshPath, "multipart/form-data; boundary=x", "--x--", 415, "invalid_request"},
+		{"a JSON-based type is not JSON", "POST", tokenPath, "application/vnd.api+json", `{"code":"a"}`, 415, "invalid_request"},
+		{"text/json", "POST", tokenPath, "text/json", `{"code":"a"}`, 415, "invalid_request"},
 		{"body over 64 KiB", "POST", tokenPath, formType, tooLarge, 413, "invalid_request"},
 		{"JSON body over 64 KiB", "POST", refreshPath, jsonType, `{"refresh_token":"` + tooLarge + `"}`, 413, "invalid_request"},
 		{"GET the token endpoint", "GET", tokenPath, noneType, "", 405, "invalid_request"},
@@ -635,7 +637,14 @@ func TestChunkedBodyOverLimit(t *testing.T) {
 func TestDeclaredBodyOverLimit(t *testing.T) {
 	t.Parallel()
 	svc := startService(t, likeSpotify, nil)
-	conn, err := net.Dial("tcp", strings.TrimPrefix(svc.url, "http://"))
+	checkError(t, "POST with Content-Length 100000000", postDeclaring100MB(t, svc.url), 413, "invalid_request")
+}
+
+// postDeclaring100MB sends a POST to /api/token that declares a body of
+// 100 MB, sends 5 bytes of it, and returns the answer.
+func postDeclaring100MB(t *testing.T, serviceURL string) reply {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(serviceURL, "http://"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -648,7 +657,7 @@ func TestDeclaredBodyOverLimit(t *testing.T) {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	checkError(t, "POST with Content-Length 100000000", reply{resp.StatusCode, resp.Header, string(b), resp.Close}, 413, "invalid_request")
+	return reply{resp.StatusCode, resp.Header, string(b), resp.Close}
 }
 
 func TestHealthAndIndex(t *testing.T) {
@@ -661,8 +670,13 @@ func TestHealthAndIndex(t *testing.T) {
 	}
 	got = send(t, "GET", svc.url+"/", noneType, "")
 	obj := checkJSON(t, "GET /", got)
-	if got.status != 200 || obj["service"] != "spotify-token-swap" || !strings.Contains(got.body, "POST /api/token") {
-		t.Errorf("GET / = %d %s, want 200 naming the service and its endpoints", got.status, got.body)
+	if got.status != 200 || obj["service"] != "spotify-token-swap" {
+		t.Errorf("GET / = %d %s, want 200 naming the service", got.status, got.body)
+	}
+	for _, endpoint := range []string{"POST /api/token", "POST /api/refresh_token", "GET /healthz"} {
+		if !strings.Contains(got.body, endpoint) {
+			t.Errorf("GET / = %s, does not name %s", got.body, endpoint)
+		}
 	}
 	for _, setting := range []string{testClientID, testClientSecret, testCallback, testWebCallback, "secret-origin", svc.spotify.url} {
 		if strings.Contains(got.body, setting) {
@@ -725,6 +739,18 @@ func TestSpotifyFaults(t *testing.T) {
 			wantStatus: 502, wantError: "server_error", wantLog: "over 1048576 bytes",
 		},
 		{
+			name: "an endless answer: cut at 1 MiB, not read until SPOTIFY_TIMEOUT",
+			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
+				io.WriteString(w, `{"access_token":"`)
+				for chunk := strings.Repeat("a", 64<<10); r.Context().Err() == nil; {
+					if _, err := io.WriteString(w, chunk); err != nil {
+						return
+					}
+				}
+			},
+			wantStatus: 502, wantError: "server_error", wantLog: "over 1048576 bytes",
+		},
+		{
 			name: "a Content-Length of 1 TiB, and a few bytes",
 			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
 				w.Header().Set("Content-Length", strconv.Itoa(1<<40))
@@ -778,10 +804,10 @@ func TestSpotifyFaults(t *testing.T) {
 		{
 			name: "429 with a JSON body",
 			answer: func(w http.ResponseWriter, r *http.Request, form url.Values) {
-				w.Header().Set("Retry-After", "7")
+				w.Header().Set("Retry-After", "120") // relayed as is, over the back-off's 60 s cap
 				spotifyError(w, 429, "rate_limited", "API rate limit exceeded")
 			},
-			wantStatus: 429, wantBody: `{"error":"rate_limited","error_description":"API rate limit exceeded"}`, wantRetryAfter: "7",
+			wantStatus: 429, wantBody: `{"error":"rate_limited","error_description":"API rate limit exceeded"}`, wantRetryAfter: "120",
 		},
 		{
 			name: "429 without a body",
@@ -938,12 +964,12 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 	// Rare error paths, which must not quote what was sent: Spotify refusing
 	// a code, a bad %-escape in a token, a token that is not a JSON string.
 	for _, r := range []reply{
-		send(t, "POST", svc.url+tokenPath, formType, "code=usedAQDrefused"),
+		send(t, "POST", svc.url+tokenPath, formType, "code=usedAQDrefused&code_verifier=PKCEverifier"),
 		send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQBescape%zz"),
 		send(t, "POST", svc.url+refreshPath, jsonType, `{"refresh_token":["AQBarray"]}`),
 		send(t, "POST", svc.url+tokenPath, jsonType, `{"code":{"c":"AQDobject"}}`),
 	} {
-		for _, secret := range []string{"AQDrefused", "AQBescape", "AQBarray", "AQDobject"} {
+		for _, secret := range []string{"AQDrefused", "PKCEverifier", "AQBescape", "AQBarray", "AQDobject"} {
 			if r.status/100 != 4 || strings.Contains(r.body, secret) {
 				t.Errorf("answer %d %s: want a 4xx that does not quote %q", r.status, r.body, secret)
 			}
@@ -955,7 +981,7 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 	secrets := []string{
 		"AQDsecretcode", "rt-AQDsecretcode", "at-AQDsecretcode", tokens.RefreshToken, "at-from-rt-AQDsecretcode",
 		"AQBrawtoken", "AQDtwice", "AQDinquery", "AQDjsoncode", "AQDbasic", "Y2xpZW50OmNsaWVudC1zZWNyZXQtMTIz",
-		"BQDbearer-token", "BQDinquery", "AQDinpath", "AQDrefused", "AQBescape", "AQBarray", "AQDobject",
+		"BQDbearer-token", "BQDinquery", "AQDinpath", "AQDrefused", "PKCEverifier", "AQBescape", "AQBarray", "AQDobject",
 		testClientSecret, testAuthorization, strings.TrimPrefix(testAuthorization, "Basic "), testSecret,
 	}
 	for _, s := range secrets {
@@ -1133,7 +1159,8 @@ func TestCORS(t *testing.T) {
 		}
 		// Only an origin exactly as listed: no prefix, suffix or substring.
 		for _, other := range []string{"https://evil.example", "https://app.example.com.evil.example", "null", "HTTPS://APP.EXAMPLE.COM",
-			"https://app.example.co", "https://app.example.com:443", "http://127.0.0.1:51", "http://127.0.0.1:51730", "https://app", "http://app.example.com"} {
+			"https://app.example.co", "https://app.example.com:443", "http://127.0.0.1:51", "http://127.0.0.1:51730", "https://app", "http://app.example.com",
+			"https://app.example.com/", "https://app.example.com.", "https://app.example.com/x"} {
 			got = send(t, "POST", svc.url+tokenPath, formType, "code=a", "Origin", other)
 			if names := corsHeaders(got.header); len(names) != 0 {
 				t.Errorf("POST from %s: CORS headers %v, want none", other, names)
@@ -1634,6 +1661,9 @@ func TestLogSaysWhy(t *testing.T) {
 		case "AQDbare":
 			w.WriteHeader(418)
 			io.WriteString(w, `{}`)
+		case "AQD429":
+			w.Header().Set("Retry-After", "5")
+			spotifyError(w, 429, "temporarily_unavailable", "Too many requests")
 		default:
 			likeSpotify(w, r, form)
 		}
@@ -1668,6 +1698,8 @@ func TestLogSaysWhy(t *testing.T) {
 		{"unknown path", "GET", "/admin", noneType, "", nil, 404, "not_found", "no such endpoint", "INFO"},
 		{"code grant at the refresh endpoint", "POST", refreshPath, formType, "grant_type=authorization_code&code=x", nil, 400, "unsupported_grant_type", "grant_type must be refresh_token here", "INFO"},
 		{"preflight from an origin not allowed", "OPTIONS", tokenPath, noneType, "", []string{"Origin", "https://evil.example", "Access-Control-Request-Method", "POST"}, 403, "invalid_request", "not in CORS_ALLOWED_ORIGINS", "INFO"},
+		// Last, as it holds the calls after it back: a 429 is no failure of the service.
+		{"Spotify's 429, relayed", "POST", tokenPath, formType, "code=AQD429", nil, 429, "temporarily_unavailable", "Spotify: Too many requests", "INFO"},
 	}
 	svc := startService(t, spotifyAnswers, map[string]string{"ENCRYPTION_SECRET": testSecret, "CORS_ALLOWED_ORIGINS": "https://app.example.com"})
 	for _, tt := range tests {
@@ -1684,7 +1716,7 @@ func TestLogSaysWhy(t *testing.T) {
 	// Spotify's status, where it answered, usable or not.
 	spotifyStatus := map[string]int{"client secret reset": 400, "a user's stale code": 400, "a code for another redirect URI": 400,
 		"Spotify answers HTML": 500, "Spotify's error without a description": 400, "Spotify's answer with no error at all": 418,
-		"Spotify's own 500, relayed": 500, "Spotify's own 503, relayed": 503}
+		"Spotify's own 500, relayed": 500, "Spotify's own 503, relayed": 503, "Spotify's 429, relayed": 429}
 	for i, tt := range tests {
 		l := lines[i]
 		if l.Status != tt.wantStatus || l.Error != tt.wantError || !strings.Contains(l.Reason, tt.wantReason) || l.Level != tt.wantLevel ||
@@ -1856,10 +1888,18 @@ func scrape(s *server) string {
 // that the exposition names no path a client chose.
 func TestMetrics(t *testing.T) {
 	t.Parallel()
+	slowArrived := make(chan struct{})
 	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
 		switch form.Get("code") {
 		case "AQDslow":
+			close(slowArrived)
 			<-r.Context().Done()
+		case "AQDdrop":
+			conn, _, _ := http.NewResponseController(w).Hijack()
+			conn.Close()
+		case "AQDcut": // a status, then less than the body it announced
+			w.Header().Set("Content-Length", "100")
+			io.WriteString(w, `{"access_token":`)
 		case "AQDreset":
 			spotifyError(w, 400, "invalid_client", "Invalid client secret")
 		case "AQDodd":
@@ -1870,12 +1910,21 @@ func TestMetrics(t *testing.T) {
 		default:
 			likeSpotify(w, r, form)
 		}
-	}, map[string]string{"RATE_LIMIT": "7/min", "SPOTIFY_TIMEOUT": "300ms", "TRUST_PROXY": "1"})
-	for _, code := range []string{"AQDa", "used", "AQDslow", "AQDreset", "AQDodd", "AQDhtml"} {
+	}, map[string]string{"RATE_LIMIT": "9/min", "SPOTIFY_TIMEOUT": "300ms", "TRUST_PROXY": "1"})
+	// While a call waits for Spotify, it is in flight.
+	slow := make(chan reply)
+	go func() { slow <- send(t, "POST", svc.url+tokenPath, formType, "code=AQDslow") }()
+	<-slowArrived
+	if body := scrape(svc.server); !strings.Contains(body, "\ntokenswap_requests_in_flight 1\n") {
+		t.Errorf("/metrics with a request waiting for Spotify does not hold tokenswap_requests_in_flight 1:\n%s", body)
+	}
+	<-slow
+	for _, code := range []string{"AQDa", "used", "AQDdrop", "AQDcut", "AQDreset", "AQDodd", "AQDhtml"} {
 		send(t, "POST", svc.url+tokenPath, formType, "code="+code)
 	}
 	send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQB")
-	// The 8th: over the limit, and its client address falls back to the peer.
+	send(t, "GET", svc.url+refreshPath, noneType, "") // 405: counts no Spotify call, and no rate
+	// The 10th POST: over the limit, and its client address falls back to the peer.
 	send(t, "POST", svc.url+tokenPath, formType, "code=AQDlimited", "X-Forwarded-For", "not-an-address")
 	// Distinct counts, so that two labels swapped show.
 	send(t, "GET", svc.url+"/healthz", noneType, "")
@@ -1886,36 +1935,50 @@ func TestMetrics(t *testing.T) {
 	}
 	svc.server.metrics.connectionsRefused.Add(3) // as the capped listener counts them
 
+	// go_goroutines counts these too.
+	parked := make(chan struct{})
+	for range 100 {
+		go func() { <-parked }()
+	}
 	get := httptest.NewRecorder()
 	svc.server.metrics.handler("v9.9.9-test").ServeHTTP(get, httptest.NewRequest("GET", "/metrics", nil))
+	close(parked)
 	body := get.Body.String()
+	var goroutines int
+	fmt.Sscanf(body[strings.Index(body, "\ngo_goroutines ")+1:], "go_goroutines %d", &goroutines)
+	if goroutines < 100 {
+		t.Errorf("go_goroutines = %d with 100 goroutines parked, want over 100", goroutines)
+	}
 	if ct := get.Header().Get("Content-Type"); ct != "text/plain; version=0.0.4; charset=utf-8" {
 		t.Errorf("Content-Type = %q, want the Prometheus text format 0.0.4", ct)
 	}
 	for _, want := range []string{
 		`tokenswap_requests_total{handler="token",code="200"} 1` + "\n",
 		`tokenswap_requests_total{handler="token",code="400"} 3` + "\n",
-		`tokenswap_requests_total{handler="token",code="502"} 1` + "\n",
+		`tokenswap_requests_total{handler="token",code="502"} 3` + "\n",
 		`tokenswap_requests_total{handler="token",code="504"} 1` + "\n",
 		`tokenswap_requests_total{handler="token",code="429"} 1` + "\n",
 		`tokenswap_requests_total{handler="refresh_token",code="200"} 1` + "\n",
+		`tokenswap_requests_total{handler="refresh_token",code="405"} 1` + "\n",
 		`tokenswap_requests_total{handler="healthz",code="200"} 2` + "\n",
 		`tokenswap_requests_total{handler="index",code="200"} 1` + "\n",
 		"tokenswap_requests_in_flight 0\n",
 		`tokenswap_requests_total{handler="other",code="404"} 4` + "\n", // unclean paths too
-		`tokenswap_request_duration_seconds_count{handler="token"} 7` + "\n",
-		`tokenswap_request_duration_seconds_bucket{handler="token",le="+Inf"} 7` + "\n",
-		`tokenswap_spotify_requests_total{code="200"} 2` + "\n",
+		`tokenswap_request_duration_seconds_count{handler="token"} 9` + "\n",
+		`tokenswap_request_duration_seconds_bucket{handler="token",le="+Inf"} 9` + "\n",
+		`tokenswap_spotify_requests_total{code="200"} 3` + "\n", // one cut short: still Spotify's status
 		`tokenswap_spotify_requests_total{code="400"} 3` + "\n",
 		`tokenswap_spotify_requests_total{code="500"} 1` + "\n", // an answer that is not JSON still has Spotify's status
 		`tokenswap_spotify_requests_total{code="timeout"} 1` + "\n",
-		`tokenswap_spotify_request_duration_seconds_count 7` + "\n",
-		`tokenswap_spotify_request_duration_seconds_bucket{le="0.25"} 6` + "\n",
+		`tokenswap_spotify_requests_total{code="unreachable"} 1` + "\n",
+		`tokenswap_spotify_request_duration_seconds_count 9` + "\n",
+		`tokenswap_spotify_request_duration_seconds_bucket{le="0.25"} 8` + "\n",
 		`tokenswap_rate_limited_total 1` + "\n",
 		`tokenswap_errors_total{error="invalid_grant"} 1` + "\n",
 		`tokenswap_errors_total{error="invalid_client"} 1` + "\n",
 		`tokenswap_errors_total{error="other"} 1` + "\n",
-		`tokenswap_errors_total{error="server_error"} 2` + "\n",
+		`tokenswap_errors_total{error="server_error"} 4` + "\n",
+		`tokenswap_errors_total{error="invalid_request"} 1` + "\n",
 		`tokenswap_errors_total{error="temporarily_unavailable"} 1` + "\n",
 		`tokenswap_errors_total{error="not_found"} 4` + "\n",
 		`tokenswap_build_info{version="v9.9.9-test"} 1` + "\n",
@@ -1960,10 +2023,15 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("process_resident_memory_bytes = %g, want about VmRSS, %g kB", rss, vmRSS)
 		}
 	}
-	post := httptest.NewRecorder()
-	svc.server.metrics.handler("v9.9.9-test").ServeHTTP(post, httptest.NewRequest("POST", "/metrics", nil))
-	if post.Code != 405 || strings.Contains(post.Body.String(), "tokenswap_") {
-		t.Errorf("POST /metrics = %d, want 405 and no metrics", post.Code)
+	for _, other := range []struct {
+		method, path string
+		want         int
+	}{{"POST", "/metrics", 405}, {"GET", "/", 404}, {"GET", "/debug", 404}, {"GET", "/metrics/", 404}} {
+		got := httptest.NewRecorder()
+		svc.server.metrics.handler("v9.9.9-test").ServeHTTP(got, httptest.NewRequest(other.method, other.path, nil))
+		if got.Code != other.want || strings.Contains(got.Body.String(), "tokenswap_") {
+			t.Errorf("%s %s on the metrics listener = %d, want %d and no metrics", other.method, other.path, got.Code, other.want)
+		}
 	}
 	for _, line := range strings.Split(body, "\n") {
 		counter := strings.HasPrefix(line, "tokenswap_requests_total{") || strings.HasPrefix(line, "tokenswap_spotify_requests_total{") || strings.HasPrefix(line, "tokenswap_errors_total{")

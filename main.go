@@ -523,7 +523,7 @@ func loadConfig(env, dotenv map[string]string) (config, error) {
 	switch u, err := url.Parse(cfg.accountsURL); {
 	case strings.Contains(cfg.accountsURL, "@"): // not quoted: it may hold a password
 		problem("SPOTIFY_ACCOUNTS_URL must not hold a user or password: the service sends the client ID and secret itself")
-	case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "":
+	case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.ForceQuery || u.Fragment != "":
 		problem("SPOTIFY_ACCOUNTS_URL: %q is not an http or https base URL such as %s", cfg.accountsURL, defaultAccountsURL)
 	case u.Scheme == "http" && !isLoopback(u.Hostname()):
 		problem("SPOTIFY_ACCOUNTS_URL: %q is plain http to another machine: the client secret would cross the network in clear; use https", cfg.accountsURL)
@@ -652,8 +652,8 @@ func parseTrustProxy(s string) (trustProxy, error) {
 		switch {
 		case err != nil:
 			return t, fmt.Errorf("TRUST_PROXY: %q is neither a number of proxies from 0 to %d, a header name such as Fly-Client-IP, nor a list of proxy addresses and ranges such as 10.0.0.0/8", s, maxTrustProxy)
-		case p.Bits() == 0:
-			return t, fmt.Errorf("TRUST_PROXY: %s trusts every address: anyone could choose their own; list the proxies' ranges", item)
+		case p.Bits() < 7 || p.Addr().Is4() && p.Bits() < 8: // wider than 10.0.0.0/8 or fc00::/7, the private ranges
+			return t, fmt.Errorf("TRUST_PROXY: %s trusts far more than a proxy's addresses (a range wider than 10.0.0.0/8 or fc00::/7): anyone could choose their own; list the proxies' ranges", item)
 		}
 		t.proxies = append(t.proxies, p.Masked())
 	}
@@ -682,7 +682,7 @@ func lookalikes(env map[string]string) []string {
 			return []int{common, editDistance(strings.Join(words(name), ""), strings.Join(words(s.name), "")), editDistance(name, s.name)}
 		}
 		closest := slices.MinFunc(settings, func(a, b setting) int { return slices.Compare(rank(a), rank(b)) })
-		if rank(closest)[1] == 0 || slices.ContainsFunc(strings.Fields(settingPrefixes), func(p string) bool { return strings.HasPrefix(name, p) }) {
+		if rank(closest)[1] == 0 || slices.ContainsFunc(strings.Fields(settingPrefixes), func(p string) bool { return strings.HasPrefix(strings.ToUpper(name), p) }) {
 			warnings = append(warnings, fmt.Sprintf("%s is not a setting of this service: a typo of %s?", name, closest.name))
 		}
 	}
@@ -690,12 +690,12 @@ func lookalikes(env map[string]string) []string {
 	return warnings
 }
 
-// words are a variable's words as look-alikes compare them: with this
+// words are a variable's words as look-alikes compare them: in capitals, with this
 // service's words for other services' (CALLBACK URL for REDIRECT URI, TRUST
 // PROXY for TRUSTED PROXIES), without the SPOTIFY and CLIENT they may put in
 // front.
 func words(name string) []string {
-	ws := strings.Split(name, "_")
+	ws := strings.Split(strings.ToUpper(name), "_")
 	ours := map[string]string{"REDIRECT": "CALLBACK", "URI": "URL", "TRUSTED": "TRUST", "PROXIES": "PROXY",
 		"METRIC": "METRICS", "CONNECTIONS": "CONNECTION"}
 	for i, w := range ws {

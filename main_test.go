@@ -127,6 +127,11 @@ func TestLookalikeSettings(t *testing.T) {
 		"SPOTIFY_LIMIT":             "RATE_LIMIT",
 		"SPOTIFY_ACCOUNTS":          "SPOTIFY_ACCOUNTS_URL",
 		"SPOTIFY_CLIENT_CALLBACK":   "SPOTIFY_CLIENT_CALLBACK_URL",
+		"spotify_client_secret":     "SPOTIFY_CLIENT_SECRET", // lower case, as in some .env files
+		"rate_limit":                "RATE_LIMIT",
+		"Trust_Proxy":               "TRUST_PROXY",
+		"http_proxy":                "", // lower case, and not ours
+		"port":                      "PORT",
 		"HOME":                      "", // not ours
 		"PATH":                      "", // two letters from PORT, and no look-alike
 		"HOSTNAME":                  "",
@@ -212,7 +217,14 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"accounts URL with a password and a query", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://user:hunter2-password@accounts.example/?x=1"}, []string{"must not hold a user or password"}},
 		{"accounts URL in capitals, in clear", map[string]string{"SPOTIFY_ACCOUNTS_URL": "HTTP://accounts.spotify.com"}, []string{"plain http to another machine"}},
 		{"accounts URL with a user on loopback", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://localhost@accounts.spotify.com"}, []string{"must not hold a user or password"}},
-		{"trust proxy trusting everyone", map[string]string{"TRUST_PROXY": "10.0.0.0/8, 0.0.0.0/0"}, []string{"0.0.0.0/0 trusts every address"}},
+		{"trust proxy trusting everyone", map[string]string{"TRUST_PROXY": "10.0.0.0/8, 0.0.0.0/0"}, []string{"0.0.0.0/0 trusts far more than a proxy's addresses"}},
+		{"accounts URL in clear to a link-local address", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://169.254.169.254"}, []string{"plain http to another machine"}},
+		{"accounts URL in clear to a link-local IPv6 address", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://[fe80::1]:8080"}, []string{"plain http to another machine"}},
+		{"accounts URL in clear to a name under localhost, which DNS may answer", map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://accounts.localhost:8080"}, []string{"plain http to another machine"}},
+		{"accounts URL with a password, that does not parse", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://user:hunter2-password@accounts example.com"}, []string{"must not hold a user or password"}},
+		{"accounts URL with an empty query", map[string]string{"SPOTIFY_ACCOUNTS_URL": "https://accounts.spotify.com?"}, []string{`SPOTIFY_ACCOUNTS_URL: "https://accounts.spotify.com?" is not`}},
+		{"secret list with a trailing comma", map[string]string{"ENCRYPTION_SECRET": testSecret + ","}, []string{"ENCRYPTION_SECRET: secret 2 of the list has 0 characters"}},
+		{"metrics on PORT, not the default one", map[string]string{"PORT": "9090", "METRICS_ADDR": "127.0.0.1:9090"}, []string{`METRICS_ADDR: "127.0.0.1:9090" is on PORT`}},
 		{"trust proxy X-Forwarded-For by name", map[string]string{"TRUST_PROXY": "X-Forwarded-For"}, []string{"X-Forwarded-For is a list that clients add to"}},
 		{"trust proxy with an empty item", map[string]string{"TRUST_PROXY": "10.0.0.1,,10.0.0.2"}, []string{`TRUST_PROXY: "10.0.0.1,,10.0.0.2" is neither`}},
 		{"connection limit of zero", map[string]string{"CONNECTION_LIMIT": "0"}, []string{`CONNECTION_LIMIT: "0"`}},
@@ -290,8 +302,9 @@ func TestEmptyVariablesHideDotenv(t *testing.T) {
 		"ENCRYPTION_SECRET":     testSecret,
 		"CORS_ALLOWED_ORIGINS":  "https://app.example.com",
 		"RATE_LIMIT":            "10/min",
+		"METRICS_ADDR":          ":9090",
 	}
-	env := testEnv("https://accounts.spotify.com", map[string]string{"SPOTIFY_CLIENT_SECRET": "", "ENCRYPTION_SECRET": " ", "CORS_ALLOWED_ORIGINS": "", "PORT": ""})
+	env := testEnv("https://accounts.spotify.com", map[string]string{"SPOTIFY_CLIENT_SECRET": "", "ENCRYPTION_SECRET": " ", "CORS_ALLOWED_ORIGINS": "", "PORT": "", "METRICS_ADDR": ""})
 	_, err := loadConfig(env, dotenv)
 	if err == nil || !strings.Contains(err.Error(), "SPOTIFY_CLIENT_SECRET is empty in the environment, which hides the value that .env gives it") ||
 		strings.Contains(err.Error(), "SPOTIFY_CLIENT_SECRET is not set") || strings.Contains(err.Error(), "secret-from-dotenv") {
@@ -307,8 +320,9 @@ func TestEmptyVariablesHideDotenv(t *testing.T) {
 		"PORT is empty in the environment, which hides the value that .env gives it: it is 8080; unset the variable to use .env's",
 		"ENCRYPTION_SECRET is empty in the environment, which hides the value that .env gives it: it is off; unset the variable to use .env's",
 		"CORS_ALLOWED_ORIGINS is empty in the environment, which hides the value that .env gives it: it is off; unset the variable to use .env's",
+		"METRICS_ADDR is empty in the environment, which hides the value that .env gives it: it is off; unset the variable to use .env's",
 	}
-	if err != nil || !slices.Equal(cfg.warnings, want) || cfg.sealer != nil || cfg.corsOrigins != nil || len(cfg.callbackURLs) != 4 || cfg.port != "8080" {
+	if err != nil || !slices.Equal(cfg.warnings, want) || cfg.sealer != nil || cfg.corsOrigins != nil || len(cfg.callbackURLs) != 4 || cfg.port != "8080" || cfg.metricsAddr != "" {
 		t.Errorf("loadConfig with ENCRYPTION_SECRET and CORS_ALLOWED_ORIGINS empty over .env's: %v, warnings\n%s\nwant\n%s\nand sealing and CORS off, every callback kept",
 			err, strings.Join(cfg.warnings, "\n"), strings.Join(want, "\n"))
 	}
@@ -354,6 +368,12 @@ func TestReadEnv(t *testing.T) {
 	_, _, err = readEnv(bad, nil)
 	if !errors.As(err, new(setupError)) || strings.Contains(err.Error(), "s3cr3t") {
 		t.Errorf("readEnv(unterminated quote) = %v, want a setupError that does not quote the file", err)
+	}
+
+	// Only a missing .env is no error: one that cannot be read is.
+	_, _, err = readEnv(dir, nil)
+	if !errors.As(err, new(setupError)) || !strings.Contains(err.Error(), "reading "+dir) {
+		t.Errorf("readEnv(a directory) = %v, want a setupError saying it cannot be read", err)
 	}
 }
 
@@ -450,8 +470,8 @@ func TestCheck(t *testing.T) {
 		down := httptest.NewServer(http.NotFoundHandler())
 		down.Close()
 		err := run(t.Context(), []string{"-check"}, testEnv(down.URL, nil), nil, io.Discard, io.Discard)
-		if !errors.Is(err, errSpotifyUnreachable) {
-			t.Errorf("run -check = %v, want errSpotifyUnreachable", err)
+		if !errors.Is(err, errSpotifyUnreachable) || errors.As(err, new(setupError)) {
+			t.Errorf("run -check = %v, want errSpotifyUnreachable, no setupError: exit 1, not 2", err)
 		}
 	})
 	t.Run("bad configuration", func(t *testing.T) {
@@ -493,15 +513,15 @@ func TestHealthcheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer mute.Close()
-	done := make(chan error, 1)
+	done, start := make(chan error, 1), time.Now()
 	go func() {
 		port := strconv.Itoa(mute.Addr().(*net.TCPAddr).Port)
 		done <- run(t.Context(), []string{"-healthcheck"}, map[string]string{"PORT": port}, nil, io.Discard, io.Discard)
 	}()
 	select {
 	case err := <-done:
-		if err == nil {
-			t.Errorf("run -healthcheck against a service that never answers = nil, want an error")
+		if took := time.Since(start); err == nil || took < 2*time.Second || took > 4*time.Second {
+			t.Errorf("run -healthcheck against a service that never answers = %v after %v, want an error after 2 s", err, took)
 		}
 	case <-time.After(10 * time.Second): // a bound, should it wait for ever
 		t.Errorf("run -healthcheck against a service that never answers still waits after 10 s, want it to give up after 2 s")
@@ -620,6 +640,23 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	if !strings.Contains(prog.line, `"sealing":false,"cors":false,"rate_limit":"off","trust_proxy":"0","connection_limit":256}`) {
 		t.Errorf("the listening line %s does not say which features are on", prog.line)
 	}
+	// PORT is served on every interface, as a container needs.
+	var listening struct{ Addr string }
+	json.Unmarshal([]byte(prog.line), &listening)
+	if host, _, _ := net.SplitHostPort(listening.Addr); !net.ParseIP(host).IsUnspecified() {
+		t.Errorf("listening on %s, want every interface", listening.Addr)
+	}
+	// A line waits at most about 100 ms: the line of a request sent just
+	// after a batch is written comes with the next batch. (The first
+	// requests: no other line is waiting.)
+	send(t, "GET", serviceURL+"/healthz", noneType, "")
+	next("request")
+	batch := time.Now()
+	send(t, "GET", serviceURL+"/healthz", noneType, "")
+	next("request")
+	if took := time.Since(batch); took > 300*time.Millisecond {
+		t.Errorf("a request's log line came %v after the last batch, want about 100 ms", took)
+	}
 
 	got := send(t, "POST", serviceURL+tokenPath, noneType, "code=AQDrun")
 	if want := tokenJSON("at-AQDrun", "rt-AQDrun"); got.status != 200 || got.body != want {
@@ -683,9 +720,13 @@ func TestRunLimitsItsListeners(t *testing.T) {
 	for _, trust := range []string{"0", "1"} {
 		t.Run("TRUST_PROXY="+trust, func(t *testing.T) {
 			t.Parallel()
-			prog := startRun(t, testEnv(spotify.url, map[string]string{"PORT": "0", "METRICS_ADDR": "127.0.0.1:0", "CONNECTION_LIMIT": "2", "TRUST_PROXY": trust}))
+			prog := startRun(t, testEnv(spotify.url, map[string]string{"PORT": "0", "METRICS_ADDR": "127.0.0.1:0", "CONNECTION_LIMIT": "2", "TRUST_PROXY": trust,
+				"ENCRYPTION_SECRET": testSecret, "CORS_ALLOWED_ORIGINS": "https://app.example.com", "RATE_LIMIT": "5/min"}))
 			_, _, metricsURL := prog.next(t, "serving metrics")
 			_, _, serviceURL := prog.next(t, "listening")
+			if want := `"sealing":true,"cors":true,"rate_limit":"5/min","trust_proxy":"` + trust + `","connection_limit":2}`; !strings.Contains(prog.line, want) {
+				t.Errorf("the listening line %s does not end %s", prog.line, want)
+			}
 			for _, url := range []string{serviceURL, metricsURL} {
 				capped := url == metricsURL || trust == "0"
 				first, second, third := served(t, url), served(t, url), served(t, url)
@@ -1187,6 +1228,11 @@ func TestMainExitStatus(t *testing.T) {
 	}
 	closed.Close()
 	closedPort := "PORT=" + strconv.Itoa(closed.Addr().(*net.TCPAddr).Port)
+	taken, err := net.Listen("tcp", ":0") // a port something else holds
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { taken.Close() }) // after the parallel subtests
 	example, err := os.ReadFile(".env.example")
 	if err != nil {
 		t.Fatal(err)
@@ -1222,6 +1268,8 @@ func TestMainExitStatus(t *testing.T) {
 			wantOut: []string{"invalid_client: Invalid client secret"}, notWant: []string{testClientSecret}},
 		{name: "check: Spotify failing is no success", dotenv: credentials, env: []string{"SPOTIFY_ACCOUNTS_URL=" + failing.url}, args: []string{"-check"}, wantStatus: 1,
 			wantOut: []string{"answered 500: server_error"}, notWant: []string{"ok:"}},
+		{name: "a port already taken: no fault of the settings", dotenv: credentials, env: []string{"PORT=" + strconv.Itoa(taken.Addr().(*net.TCPAddr).Port)}, wantStatus: 1,
+			wantOut: []string{"listen: "}},
 		{name: "healthcheck: nothing listens", env: []string{closedPort}, args: []string{"-healthcheck"}, wantStatus: 1, wantOut: []string{"healthcheck:"}},
 		{name: "healthcheck: PORT is no port", env: []string{"PORT=http"}, args: []string{"-healthcheck"}, wantStatus: 2, wantOut: []string{`PORT: "http"`}},
 	}
@@ -1270,11 +1318,13 @@ func TestMainSignals(t *testing.T) {
 	}
 	for _, tt := range []struct {
 		delay    string
+		signal   syscall.Signal
 		signals  int
 		wantExit int
 	}{
-		{"0s", 1, 0},
-		{"1h", 2, -1}, // killed by the signal
+		{"0s", syscall.SIGTERM, 1, 0},
+		{"0s", syscall.SIGINT, 1, 0},   // as Fly.io sends by default
+		{"1h", syscall.SIGTERM, 2, -1}, // killed by the signal
 	} {
 		cmd := exec.Command(self)
 		cmd.Dir = t.TempDir()
@@ -1298,10 +1348,10 @@ func TestMainSignals(t *testing.T) {
 			t.Fatalf("SHUTDOWN_DELAY=%s: the program ended before logging %q", tt.delay, msg)
 		}
 		waitFor("listening")
-		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Process.Signal(tt.signal)
 		if tt.signals == 2 {
 			waitFor("stopping")
-			cmd.Process.Signal(syscall.SIGTERM)
+			cmd.Process.Signal(tt.signal)
 		}
 		go io.Copy(io.Discard, stderr)
 		done := make(chan error, 1)
@@ -1310,10 +1360,10 @@ func TestMainSignals(t *testing.T) {
 		case <-done:
 		case <-time.After(20 * time.Second): // a bound, should it hang on
 			cmd.Process.Kill()
-			t.Fatalf("SHUTDOWN_DELAY=%s: still running 20 s after %d SIGTERM", tt.delay, tt.signals)
+			t.Fatalf("SHUTDOWN_DELAY=%s: still running 20 s after %d %v", tt.delay, tt.signals, tt.signal)
 		}
 		if got := cmd.ProcessState.ExitCode(); got != tt.wantExit {
-			t.Errorf("SHUTDOWN_DELAY=%s, %d SIGTERM: exit status %d, want %d", tt.delay, tt.signals, got, tt.wantExit)
+			t.Errorf("SHUTDOWN_DELAY=%s, %d %v: exit status %d, want %d", tt.delay, tt.signals, tt.signal, got, tt.wantExit)
 		}
 	}
 }

@@ -77,14 +77,14 @@ func (m *metrics) request(route, status int, oauthError string, took time.Durati
 // spotifyCall counts a call to Spotify: by its status, or why it gave none.
 func (m *metrics) spotifyCall(status int, err error, clientGone bool, took time.Duration) {
 	switch {
+	case status != 0: // an answer cut short still has Spotify's status
+		m.spotifyCalls[min(uint(status), 999)].Add(1)
 	case clientGone:
 		m.spotifyFailed[2].Add(1)
 	case errors.Is(err, errSpotifyTimeout):
 		m.spotifyFailed[0].Add(1)
-	case errors.Is(err, errSpotifyUnreachable):
-		m.spotifyFailed[1].Add(1)
 	default:
-		m.spotifyCalls[min(uint(status), 999)].Add(1)
+		m.spotifyFailed[1].Add(1)
 	}
 	m.spotifyDuration.observe(took)
 }

@@ -255,9 +255,10 @@ func FuzzOpen(f *testing.F) {
 	})
 }
 
-// TestRedirectsAreNotFollowed checks that an answer redirecting elsewhere
-// does not take the client's credentials and code there.
-func TestRedirectsAreNotFollowed(t *testing.T) {
+// TestCredentialsStayWithSpotify checks that an answer redirecting
+// elsewhere does not take the client's credentials and code there, and that
+// an https accounts service whose certificate no CA signed gets nothing.
+func TestCredentialsStayWithSpotify(t *testing.T) {
 	t.Parallel()
 	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		t.Errorf("the redirect was followed: %s %s", r.Method, r.URL)
@@ -268,6 +269,15 @@ func TestRedirectsAreNotFollowed(t *testing.T) {
 	}, nil)
 	got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDredirect")
 	checkError(t, "POST /api/token", got, 502, "server_error")
+
+	impostor := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t.Errorf("an accounts service with a self-signed certificate got %s, Authorization %q", r.URL, r.Header.Get("Authorization"))
+	}))
+	defer impostor.Close()
+	c := newSpotifyClient(impostor.URL, testClientID, testClientSecret, 5*time.Second)
+	if _, err := c.clientCredentials(t.Context()); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("a call to an accounts service with a self-signed certificate: %v, want a certificate error", err)
+	}
 }
 
 // swapAtOnce starts n code exchanges at once, each on its own connection to
