@@ -62,6 +62,7 @@ func TestClientAddress(t *testing.T) {
 		{"1", proxy, nil, "10.0.0.2", false}, // the proxy's own health check
 		{"1", proxy, []string{"X-Forwarded-For: " + client + ", unknown"}, "10.0.0.2", true},
 		{"1", proxy, []string{"X-Forwarded-For: " + client + ","}, "10.0.0.2", true},
+		{"2", proxy, []string{"X-Forwarded-For: ," + client}, "10.0.0.2", true}, // an empty entry is no address either
 		{"1", proxy, []string{"X-Forwarded-For: "}, "10.0.0.2", true},
 		{"1", proxy, []string{"X-Forwarded-For: " + client + ":port"}, "10.0.0.2", true},
 		{"1", proxy, []string{"X-Forwarded-For: [" + client + "]"}, "10.0.0.2", true},
@@ -309,12 +310,16 @@ func TestLimiterUnderAFlood(t *testing.T) {
 	// Twice the table of new addresses, one request each: 20 min from
 	// their whole allowance, closer than two.
 	for i := range 2 * maxClients {
+		clock.advance(time.Microsecond) // no two alike, so that a sweep's cut is exact
 		if w := wait(addr(i)); w != 0 {
 			t.Fatalf("new address %d of the flood: wait %v, want 0", i, w)
 		}
 		if len(l.tat) > maxClients {
 			t.Fatalf("after %d new addresses the table holds %d clients, want at most %d", i+1, len(l.tat), maxClients)
 		}
+	}
+	if n := len(l.tat); n < maxClients*3/4 {
+		t.Errorf("after the flood the table holds %d clients: a sweep must keep three quarters of it, %d", n, maxClients*3/4)
 	}
 	if w := wait(limited); w == 0 {
 		t.Errorf("a client over its limit was forgotten in a flood: it got a fresh allowance")
@@ -355,11 +360,20 @@ func TestLimiterUnderAFlood(t *testing.T) {
 		if w := wait(addr(i)); w != 0 {
 			t.Fatalf("new address %d of 65,536: wait %v, want 0: the table holds 65,536 clients", i+1, w)
 		}
-		for range 3 {
+		for range 3 * min(i, 1) { // all but the first over their limit
 			wait(addr(i))
 		}
 	}
-	if w, hit := l.wait(fresh); w != time.Second || hit != hitFull {
+	if n := len(l.tat); n != 65_536 {
+		t.Errorf("after 65,536 new addresses the table holds %d clients, want every one: no sweep before it is full", n)
+	}
+	if w := wait(fresh); w != 0 { // in the place of the one under its limit
+		t.Fatalf("a new address when one client of 65,536 is under its limit: wait %v, want 0", w)
+	}
+	for range 3 {
+		wait(fresh)
+	}
+	if w, hit := l.wait(netip.MustParseAddr("192.0.2.4")); w != time.Second || hit != hitFull {
 		t.Errorf("a new address while every client is over its limit: wait %v (%s), want 1s (%s)", w, hit, hitFull)
 	}
 	// Through the guard: counted, and one warning for them all.
@@ -381,7 +395,7 @@ func TestLimiterUnderAFlood(t *testing.T) {
 	if took := time.Since(start); took > 2*time.Second {
 		t.Errorf("20,000 new addresses against a full table took %v: a scan of the table for each?", took)
 	}
-	if w := wait(addr(0)); w == 0 {
+	if w := wait(addr(1)); w == 0 {
 		t.Errorf("a client over its limit was let through while the table was full")
 	}
 	clock.advance(21 * time.Minute) // the first ones back under their limit
@@ -508,15 +522,25 @@ func TestConnectionLimit(t *testing.T) {
 	}
 	close(peers)
 	var accepted []string
-	for ln := g.limitConnections(chanListener(peers), false); ; {
+	var conns []net.Conn
+	ln := g.limitConnections(chanListener(peers), false)
+	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			break
 		}
 		accepted = append(accepted, conn.RemoteAddr().(*net.TCPAddr).IP.String())
+		conns = append(conns, conn)
 	}
 	if want := "2001:db8::1 2001:db8::2 2001:db8::ffff:3 2001:db8:0:1::1 192.0.2.1 192.0.2.1 64:ff9b::c000:201"; strings.Join(accepted, " ") != want {
 		t.Errorf("CONNECTION_LIMIT=3: accepted %s, want %s: the 4th of one /64, and of one IPv4 address, refused", strings.Join(accepted, " "), want)
+	}
+	for _, conn := range conns {
+		conn.Close()
+		conn.Close() // a second close frees nothing more
+	}
+	if open := ln.(*cappedListener).open; len(open) != 0 {
+		t.Errorf("every connection closed, and the listener still counts %v", open)
 	}
 
 	// Off: the listener as it is.
