@@ -690,10 +690,10 @@ func lookalikes(env map[string]string) []string {
 	return warnings
 }
 
-// words are a variable's words as look-alikes compare them: in capitals, with this
-// service's words for other services' (CALLBACK URL for REDIRECT URI, TRUST
-// PROXY for TRUSTED PROXIES), without the SPOTIFY and CLIENT they may put in
-// front.
+// words are a variable's words as look-alikes compare them: in capitals,
+// with this service's words for other services' (CALLBACK URL for REDIRECT
+// URI, TRUST PROXY for TRUSTED PROXIES), without the SPOTIFY and CLIENT they
+// may put in front.
 func words(name string) []string {
 	ws := strings.Split(strings.ToUpper(name), "_")
 	ours := map[string]string{"REDIRECT": "CALLBACK", "URI": "URL", "TRUSTED": "TRUST", "PROXIES": "PROXY",
