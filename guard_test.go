@@ -12,6 +12,8 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -569,10 +571,11 @@ func TestRateLimit(t *testing.T) {
 		t.Fatalf("first POST = %d %s, want 200", got.status, got.body)
 	}
 	checkError(t, "second POST, no refresh_token", send(t, "POST", svc.url+refreshPath, formType, ""), 400, "invalid_request")
+	clock.advance(700 * time.Millisecond) // 29.3 s left: rounded up, not to the nearest
 	got := send(t, "POST", svc.url+tokenPath, formType, "code=AQDthird", "Origin", "https://app.example.com")
 	checkError(t, "third POST", got, 429, "temporarily_unavailable")
 	if ra := got.header.Get("Retry-After"); ra != "30" {
-		t.Errorf("third POST: Retry-After = %q, want 30 (one request every 30 s)", ra)
+		t.Errorf("third POST 0.7 s after the second: Retry-After = %q, want 30 (one request every 30 s, 29.3 s left)", ra)
 	}
 	if got.header.Get("Access-Control-Allow-Origin") != "https://app.example.com" {
 		t.Errorf("third POST: no Access-Control-Allow-Origin, so the page cannot read its 429")
@@ -593,6 +596,33 @@ func TestRateLimit(t *testing.T) {
 	last := lines[len(lines)-4] // the third POST
 	if last.Status != 429 || last.Error != "temporarily_unavailable" || !strings.Contains(last.Reason, "RATE_LIMIT") || last.Client != "127.0.0.1" {
 		t.Errorf("log line of a refused request = %+v, want 429 temporarily_unavailable, why (RATE_LIMIT), client 127.0.0.1", last)
+	}
+}
+
+// TestRateLimitAtOnce checks that requests from one address that arrive
+// all at once are counted each once: of 150 at RATE_LIMIT=100/h, exactly
+// 100 reach Spotify.
+func TestRateLimitAtOnce(t *testing.T) {
+	t.Parallel()
+	svc := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "100/h"})
+	var wg sync.WaitGroup
+	var ok, limited atomic.Int64
+	for range 150 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			switch send(t, "POST", svc.url+tokenPath, formType, "code=AQDatonce").status {
+			case 200:
+				ok.Add(1)
+			case 429:
+				limited.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if ok.Load() != 100 || limited.Load() != 50 || len(svc.spotify.received()) != 100 {
+		t.Errorf("150 POSTs at once at 100/h: %d answered 200, %d 429, Spotify received %d; want 100, 50, 100",
+			ok.Load(), limited.Load(), len(svc.spotify.received()))
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"runtime"
 	"slices"
@@ -453,11 +454,18 @@ func TestSwapsAndRefreshes(t *testing.T) {
 			wantStatus: 200, wantBody: tokenJSON("at-AQDnull", "rt-AQDnull"),
 		},
 		{
-			name: "escapes are decoded and encoded again",
+			name: "escapes are decoded, in names too, and encoded again",
 			path: tokenPath, contentType: formType,
-			body:       "code=a%2Bb%2Fc%3D+d&state=%F0%9F%8E%B5",
+			body:       "%63ode=a%2Bb%2Fc%3D+d&state=%F0%9F%8E%B5",
 			wantForm:   "grant_type=authorization_code&code=a%2Bb%2Fc%3D+d&redirect_uri=testapp%3A%2F%2Fcallback",
 			wantStatus: 200, wantBody: tokenJSON("at-a+b/c= d", "rt-a+b/c= d"),
+		},
+		{
+			name: "a form whose state holds JSON is a form: only a body that starts with { is JSON",
+			path: tokenPath, contentType: noneType,
+			body:       `code=AQDstate&state={"from":"/home"}`,
+			wantForm:   "grant_type=authorization_code&code=AQDstate&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-AQDstate", "rt-AQDstate"),
 		},
 		{
 			name: "empty pairs in a form are skipped",
@@ -551,6 +559,8 @@ func TestRefusesBadRequests(t *testing.T) {
 		{"code twice", "POST", tokenPath, formType, "code=a&code=b", 400, "invalid_request"},
 		{"code twice, once empty", "POST", tokenPath, formType, "code=&code=b", 400, "invalid_request"},
 		{"code twice, once (null)", "POST", tokenPath, formType, "code=(null)&code=b", 400, "invalid_request"},
+		{"code twice, once with its name escaped", "POST", tokenPath, formType, "code=a&%63ode=b", 400, "invalid_request"},
+		{"redirect_uri twice, the second empty", "POST", tokenPath, formType, "code=x&redirect_uri=testapp%3A%2F%2Fcallback&redirect_uri=", 400, "invalid_request"},
 		{"grant_type in capitals: names are exact", "POST", tokenPath, formType, "grant_type=Refresh_Token&refresh_token=x", 400, "unsupported_grant_type"},
 		{"grant_type in capitals at the refresh endpoint", "POST", refreshPath, formType, "grant_type=REFRESH_TOKEN&refresh_token=x", 400, "unsupported_grant_type"},
 		{"redirect_uri in another case: it must be exact", "POST", tokenPath, formType, "code=x&redirect_uri=TESTAPP%3A%2F%2FCALLBACK", 400, "invalid_request"},
@@ -1177,8 +1187,9 @@ func TestCORS(t *testing.T) {
 		t.Parallel()
 		svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "*"})
 		got := send(t, "POST", svc.url+refreshPath, formType, "refresh_token=AQB", "Origin", "https://anything.example")
-		if got.header.Get("Access-Control-Allow-Origin") != "*" || got.header.Get("Vary") != "" {
-			t.Errorf("POST: Allow-Origin %q, Vary %q; want * and no Vary", got.header.Get("Access-Control-Allow-Origin"), got.header.Get("Vary"))
+		if got.header.Get("Access-Control-Allow-Origin") != "*" || got.header.Get("Vary") != "" || got.header.Get("Access-Control-Expose-Headers") != "Retry-After, X-Request-Id" {
+			t.Errorf("POST: Allow-Origin %q, Vary %q, Expose-Headers %q; want *, no Vary, and Retry-After, X-Request-Id exposed",
+				got.header.Get("Access-Control-Allow-Origin"), got.header.Get("Vary"), got.header.Get("Access-Control-Expose-Headers"))
 		}
 		got = send(t, "OPTIONS", svc.url+refreshPath, noneType, "", "Origin", "https://anything.example", "Access-Control-Request-Method", "POST")
 		if got.status != 204 || got.header.Get("Access-Control-Allow-Origin") != "*" {
@@ -1289,7 +1300,8 @@ func TestSecretRotationAcrossDeploys(t *testing.T) {
 	t.Parallel()
 	const newSecret = "the-new-encryption-secret-0123456789"
 	before := startService(t, likeSpotify, map[string]string{"ENCRYPTION_SECRET": testSecret})
-	after := startService(t, likeSpotify, map[string]string{"ENCRYPTION_SECRET": newSecret + "," + testSecret})
+	// Spaces around the items, as an operator writes a list: each secret is trimmed.
+	after := startService(t, likeSpotify, map[string]string{"ENCRYPTION_SECRET": " " + newSecret + " , " + testSecret + " "})
 
 	var answer struct {
 		RefreshToken string `json:"refresh_token"`
@@ -1606,12 +1618,12 @@ func TestBackoff(t *testing.T) {
 	if got.status != 429 || got.body != `{"error":"rate_limited","error_description":"API rate limit exceeded"}` || got.header.Get("Retry-After") != "7" {
 		t.Errorf("Spotify's 429 = %d %s Retry-After %q, want it relayed as is", got.status, got.body, got.header.Get("Retry-After"))
 	}
-	clock.advance(2500 * time.Millisecond)
+	clock.advance(2700 * time.Millisecond) // 4.3 s left: rounded up, not to the nearest
 	for _, path := range []string{tokenPath, refreshPath} {
 		got := send(t, "POST", svc.url+path, formType, "code=AQDtwo&refresh_token=AQBtwo")
 		checkError(t, "POST "+path+" during the back-off", got, 429, "temporarily_unavailable")
 		if ra := got.header.Get("Retry-After"); ra != "5" {
-			t.Errorf("POST %s 2.5 s into a 7 s back-off: Retry-After = %q, want 5", path, ra)
+			t.Errorf("POST %s 2.7 s into a 7 s back-off: Retry-After = %q, want 5", path, ra)
 		}
 	}
 	if n := len(svc.spotify.received()); n != 1 {
@@ -1855,26 +1867,31 @@ func TestClientValuesAreCut(t *testing.T) {
 func TestHints(t *testing.T) {
 	t.Parallel()
 	svc := startService(t, likeSpotify, nil)
+	// The values the hints are about: never quoted back, nor logged.
+	const code, token = "AQDhint-code", "AQBhint-token"
 	tests := []struct {
 		name, path, contentType, body, want string
 	}{
-		{"curl -d with JSON", tokenPath, formType, `{"code":"AQDx"}`, "send it with Content-Type: application/json"},
-		{"JSON without a Content-Type", refreshPath, noneType, "  \n{\"refresh_token\":\"AQB\"}", "send it with Content-Type: application/json"},
-		{"code in the query", tokenPath + "?code=AQDx", formType, "", "parameters in the URL query are not read"},
-		{"refresh_token in the query", refreshPath + "?refresh_token=AQB", formType, "", "parameters in the URL query are not read"},
-		{"refresh_token at the token endpoint", tokenPath, formType, "refresh_token=AQB", "send grant_type=refresh_token"},
-		{"refresh_token at the token endpoint, with a query", tokenPath + "?state=x", formType, "refresh_token=AQB", "send grant_type=refresh_token"},
-		{"a code at the refresh endpoint", refreshPath, formType, "code=AQDx", "codes are swapped at /api/token"},
+		{"curl -d with JSON", tokenPath, formType, `{"code":"` + code + `"}`, "send it with Content-Type: application/json"},
+		{"JSON without a Content-Type", refreshPath, noneType, "  \n{\"refresh_token\":\"" + token + "\"}", "send it with Content-Type: application/json"},
+		{"code in the query", tokenPath + "?code=" + code, formType, "", "parameters in the URL query are not read"},
+		{"refresh_token in the query", refreshPath + "?refresh_token=" + token, formType, "", "parameters in the URL query are not read"},
+		{"refresh_token at the token endpoint", tokenPath, formType, "refresh_token=" + token, "send grant_type=refresh_token"},
+		{"refresh_token at the token endpoint, with a query", tokenPath + "?state=x", formType, "refresh_token=" + token, "send grant_type=refresh_token"},
+		{"a code at the refresh endpoint", refreshPath, formType, "code=" + code, "codes are swapped at /api/token"},
 	}
 	for _, tt := range tests {
 		got := send(t, "POST", svc.url+tt.path, tt.contentType, tt.body)
 		checkError(t, tt.name, got, 400, "invalid_request")
-		if !strings.Contains(got.body, tt.want) {
-			t.Errorf("%s: %s, want a description that says %q", tt.name, got.body, tt.want)
+		if !strings.Contains(got.body, tt.want) || strings.Contains(got.body, code) || strings.Contains(got.body, token) {
+			t.Errorf("%s: %s, want a description that says %q and quotes neither code nor token", tt.name, got.body, tt.want)
 		}
 	}
 	if n := len(svc.spotify.received()); n != 0 {
 		t.Errorf("Spotify received %d requests, want none", n)
+	}
+	if log := svc.log.String(); strings.Contains(log, code) || strings.Contains(log, token) {
+		t.Errorf("the log quotes a code or a token:\n%s", log)
 	}
 }
 
@@ -2064,6 +2081,46 @@ func TestMetrics(t *testing.T) {
 	}
 	if got := send(t, "GET", svc.url+"/metrics", noneType, ""); got.status != 404 {
 		t.Errorf("GET /metrics on the service's port = %d, want 404: metrics are for the operator's port only", got.status)
+	}
+}
+
+// TestErrorsCountedByName checks that each OAuth error of RFC 6749 §5.2,
+// and the service's not_found, counts under its own name, and any other
+// under "other".
+func TestErrorsCountedByName(t *testing.T) {
+	t.Parallel()
+	var m metrics
+	names := []string{"invalid_request", "invalid_client", "invalid_grant", "unauthorized_client", "unsupported_grant_type", "invalid_scope",
+		"server_error", "temporarily_unavailable", "not_found", "some_new_error"}
+	for i, name := range names {
+		for range i + 1 { // distinct counts, so that two labels swapped show
+			m.request(0, 400, name, time.Millisecond)
+		}
+	}
+	body := scrape(&server{metrics: &m})
+	for i, name := range names {
+		if name == "some_new_error" {
+			name = "other"
+		}
+		if want := fmt.Sprintf("tokenswap_errors_total{error=%q} %d\n", name, i+1); !strings.Contains(body, want) {
+			t.Errorf("/metrics does not hold %q", want)
+		}
+	}
+}
+
+// TestResidentMemory checks that the resident memory is left out, not
+// reported as 0, where /proc does not say it.
+func TestResidentMemory(t *testing.T) {
+	t.Parallel()
+	if rss, ok := residentMemory("/proc/self/statm"); !ok || rss <= 0 {
+		t.Errorf("residentMemory(/proc/self/statm) = %d, %v; want this process's", rss, ok)
+	}
+	garbled := filepath.Join(t.TempDir(), "statm")
+	os.WriteFile(garbled, []byte("12 pages\n"), 0o600)
+	for _, path := range []string{filepath.Join(t.TempDir(), "none"), garbled} {
+		if rss, ok := residentMemory(path); ok {
+			t.Errorf("residentMemory(%s) = %d, true; want none", path, rss)
+		}
 	}
 }
 

@@ -523,7 +523,7 @@ func loadConfig(env, dotenv map[string]string) (config, error) {
 	switch u, err := url.Parse(cfg.accountsURL); {
 	case strings.Contains(cfg.accountsURL, "@"): // not quoted: it may hold a password
 		problem("SPOTIFY_ACCOUNTS_URL must not hold a user or password: the service sends the client ID and secret itself")
-	case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.ForceQuery || u.Fragment != "":
+	case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.ContainsAny(cfg.accountsURL, "?#"):
 		problem("SPOTIFY_ACCOUNTS_URL: %q is not an http or https base URL such as %s", cfg.accountsURL, defaultAccountsURL)
 	case u.Scheme == "http" && !isLoopback(u.Hostname()):
 		problem("SPOTIFY_ACCOUNTS_URL: %q is plain http to another machine: the client secret would cross the network in clear; use https", cfg.accountsURL)

@@ -174,7 +174,7 @@ func (m *metrics) handler(version string) http.Handler {
 		fmt.Fprintf(&b, "tokenswap_build_info{version=%q} 1\n", version)
 		single("go_goroutines", "gauge", "Number of goroutines that currently exist.", runtime.NumGoroutine())
 		single("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", strconv.FormatFloat(float64(m.start.UnixMilli())/1e3, 'f', 3, 64))
-		if rss, ok := residentMemory(); ok {
+		if rss, ok := residentMemory("/proc/self/statm"); ok {
 			single("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss)
 		}
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -184,9 +184,9 @@ func (m *metrics) handler(version string) http.Handler {
 }
 
 // residentMemory returns the process's resident set size, from Linux's
-// /proc; ok is false on a system without it.
-func residentMemory() (bytes int64, ok bool) {
-	statm, err := os.ReadFile("/proc/self/statm")
+// /proc/self/statm; ok is false on a system without it.
+func residentMemory(statmPath string) (bytes int64, ok bool) {
+	statm, err := os.ReadFile(statmPath)
 	if fields := strings.Fields(string(statm)); err == nil && len(fields) > 1 {
 		pages, err := strconv.ParseInt(fields[1], 10, 64)
 		return pages * int64(os.Getpagesize()), err == nil

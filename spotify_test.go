@@ -305,10 +305,11 @@ func swapAtOnce(t *testing.T, serviceURL string, n int) (wait func()) {
 }
 
 // TestUpstreamConnectionsAreReused checks that a second wave of concurrent
-// calls to Spotify reuses the first wave's connections.
+// calls to Spotify reuses the first wave's connections, more of them than
+// the 100 idle ones in all that an http.Transport keeps by default.
 func TestUpstreamConnectionsAreReused(t *testing.T) {
 	t.Parallel()
-	const wave = 50
+	const wave = 150
 	arrived, release := make(chan struct{}), make(chan struct{})
 	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
 		arrived <- struct{}{}
@@ -330,9 +331,9 @@ func TestUpstreamConnectionsAreReused(t *testing.T) {
 	}
 	// A connection may go back to the pool just after its caller is done,
 	// so a few new ones in the second wave are no fault.
-	if newConns[0] > wave || newConns[1] > wave/2 {
+	if newConns[0] > wave || newConns[1] > wave/10 {
 		t.Errorf("new connections to Spotify per wave of %d calls: %d, then %d; want at most %d, then at most %d",
-			wave, newConns[0], newConns[1], wave, wave/2)
+			wave, newConns[0], newConns[1], wave, wave/10)
 	}
 }
 
