@@ -400,11 +400,16 @@ func TestLimiterUnderAFlood(t *testing.T) {
 	if w := wait(addr(1)); w == 0 {
 		t.Errorf("a client over its limit was let through while the table was full")
 	}
-	clock.advance(21 * time.Minute) // the first ones back under their limit
-	if w := wait(fresh); w != 0 {
-		t.Errorf("a new address once clients are back under their limit: wait %v, want 0", w)
+	// Every one is 20 min over its limit: a new address is refused until
+	// that very moment, and no longer.
+	clock.advance(20*time.Minute - time.Nanosecond)
+	if w, hit := l.wait(netip.MustParseAddr("192.0.2.5")); w != time.Second || hit != hitFull {
+		t.Errorf("a new address 1 ns before the first clients are back under their limit: wait %v (%s), want 1s (%s)", w, hit, hitFull)
 	}
-
+	clock.advance(time.Nanosecond)
+	if w := wait(netip.MustParseAddr("192.0.2.5")); w != 0 {
+		t.Errorf("a new address the moment the first clients are back under their limit: wait %v, want 0", w)
+	}
 }
 
 // TestLimiterMemory feeds a limiter a million forged IPv6 addresses, each
