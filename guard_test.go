@@ -549,6 +549,30 @@ func TestConnectionLimit(t *testing.T) {
 	if open := ln.(*cappedListener).open; len(open) != 0 {
 		t.Errorf("every connection closed, and the listener still counts %v", open)
 	}
+	// Closed while others are accepted, as on a busy server: each close
+	// still frees its place.
+	peers = make(chan net.Conn)
+	go func() {
+		for i := range 20_000 {
+			conn, _ := net.Pipe()
+			peers <- peerConn{conn, &net.TCPAddr{IP: net.IPv4(192, 0, 2, byte(i%2)), Port: 4242}}
+		}
+		close(peers)
+	}()
+	ln = g.limitConnections(chanListener(peers), false)
+	var wg sync.WaitGroup
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			break
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); conn.Close() }()
+	}
+	wg.Wait()
+	if open := ln.(*cappedListener).open; len(open) != 0 {
+		t.Errorf("20,000 connections closed as others were accepted, and the listener still counts %v", open)
+	}
 
 	// Off: the listener as it is.
 	g = newGuard(slog.New(slog.DiscardHandler), &metrics{}, trustProxy{}, nil, 0)
@@ -628,6 +652,27 @@ func TestRateLimitAtOnce(t *testing.T) {
 	if ok.Load() != 100 || limited.Load() != 50 || len(svc.spotify.received()) != 100 {
 		t.Errorf("150 POSTs at once at 100/h: %d answered 200, %d 429, Spotify received %d; want 100, 50, 100",
 			ok.Load(), limited.Load(), len(svc.spotify.received()))
+	}
+	// The limiter alone, harder: 120,000 requests from one /64 at once.
+	l := newLimiter(100_000, time.Hour, newFakeClock().now)
+	var allowed atomic.Int64
+	start := make(chan struct{})
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			for range 30_000 {
+				if w, _ := l.wait(netip.MustParseAddr("2001:db8::1")); w == 0 {
+					allowed.Add(1)
+				}
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	if allowed.Load() != 100_000 {
+		t.Errorf("120,000 requests at once at 100000/h: %d allowed, want 100,000", allowed.Load())
 	}
 }
 
