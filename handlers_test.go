@@ -2115,9 +2115,11 @@ func TestResidentMemory(t *testing.T) {
 	if rss, ok := residentMemory("/proc/self/statm"); !ok || rss <= 0 {
 		t.Errorf("residentMemory(/proc/self/statm) = %d, %v; want this process's", rss, ok)
 	}
-	garbled := filepath.Join(t.TempDir(), "statm")
+	dir := t.TempDir()
+	garbled, short := filepath.Join(dir, "garbled"), filepath.Join(dir, "short")
 	os.WriteFile(garbled, []byte("12 pages\n"), 0o600)
-	for _, path := range []string{filepath.Join(t.TempDir(), "none"), garbled} {
+	os.WriteFile(short, []byte("12\n"), 0o600) // the size, without the resident pages
+	for _, path := range []string{filepath.Join(dir, "none"), garbled, short} {
 		if rss, ok := residentMemory(path); ok {
 			t.Errorf("residentMemory(%s) = %d, true; want none", path, rss)
 		}
