@@ -426,8 +426,8 @@ func TestSwapsAndRefreshes(t *testing.T) {
 			wantStatus: 200, wantBody: tokenJSON("at-from-AQBweb", ""),
 		},
 		{
-			name: "media types are case-insensitive: JSON",
-			path: tokenPath, contentType: "Application/JSON; Charset=UTF-8",
+			name: "media types are case-insensitive, spaces around them too: JSON",
+			path: tokenPath, contentType: " Application/JSON ; Charset=UTF-8",
 			body:       `{"code":"AQDcase"}`,
 			wantForm:   "grant_type=authorization_code&code=AQDcase&redirect_uri=testapp%3A%2F%2Fcallback",
 			wantStatus: 200, wantBody: tokenJSON("at-AQDcase", "rt-AQDcase"),
@@ -1183,6 +1183,16 @@ func TestCORS(t *testing.T) {
 			}
 		}
 	})
+	t.Run("one origin", func(t *testing.T) {
+		t.Parallel()
+		svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": page})
+		for _, origin := range []string{page, "https://evil.example", ""} {
+			got := send(t, "POST", svc.url+tokenPath, formType, "code=a", "Origin", origin)
+			if got.header.Get("Vary") != "Origin" || (got.header.Get("Access-Control-Allow-Origin") == page) != (origin == page) {
+				t.Errorf("POST from %q: Vary %q, Allow-Origin %q; want Vary: Origin, and the page allowed alone", origin, got.header.Get("Vary"), got.header.Get("Access-Control-Allow-Origin"))
+			}
+		}
+	})
 	t.Run("any origin", func(t *testing.T) {
 		t.Parallel()
 		svc := startService(t, likeSpotify, map[string]string{"CORS_ALLOWED_ORIGINS": "*"})
@@ -1709,6 +1719,7 @@ func TestLogSaysWhy(t *testing.T) {
 		{"media type", "POST", tokenPath, "text/plain", "code=x", nil, 415, "invalid_request", "Content-Type must be", "INFO"},
 		{"wrong method", "GET", tokenPath, noneType, "", nil, 405, "invalid_request", "method GET is not allowed", "INFO"},
 		{"unknown path", "GET", "/admin", noneType, "", nil, 404, "not_found", "no such endpoint", "INFO"},
+		{"unknown path, logged as sent", "POST", "/api%2Ftoken", formType, "code=x", nil, 404, "not_found", "no such endpoint", "INFO"},
 		{"code grant at the refresh endpoint", "POST", refreshPath, formType, "grant_type=authorization_code&code=x", nil, 400, "unsupported_grant_type", "grant_type must be refresh_token here", "INFO"},
 		{"preflight from an origin not allowed", "OPTIONS", tokenPath, noneType, "", []string{"Origin", "https://evil.example", "Access-Control-Request-Method", "POST"}, 403, "invalid_request", "not in CORS_ALLOWED_ORIGINS", "INFO"},
 		// Last, as it holds the calls after it back: a 429 is no failure of the service.
@@ -1733,8 +1744,9 @@ func TestLogSaysWhy(t *testing.T) {
 	for i, tt := range tests {
 		l := lines[i]
 		if l.Status != tt.wantStatus || l.Error != tt.wantError || !strings.Contains(l.Reason, tt.wantReason) || l.Level != tt.wantLevel ||
-			l.Client != "127.0.0.1" || l.Path != tt.path || l.SpotifyStatus != spotifyStatus[tt.name] {
-			t.Errorf("%s: log line %+v, want status %d, error %q, a reason with %q, level %s, client 127.0.0.1, spotify_status %d",
+			l.Client != "127.0.0.1" || l.Path != tt.path || l.SpotifyStatus != spotifyStatus[tt.name] ||
+			strings.Contains(l.Reason, "redirect_uri sent") != (tt.wantError == "invalid_grant" && tt.path == tokenPath) {
+			t.Errorf("%s: log line %+v, want status %d, error %q, a reason with %q (and the redirect_uri sent for a code's invalid_grant only), level %s, client 127.0.0.1, spotify_status %d",
 				tt.name, l, tt.wantStatus, tt.wantError, tt.wantReason, tt.wantLevel, spotifyStatus[tt.name])
 		}
 	}

@@ -77,9 +77,9 @@ func TestLoadConfig(t *testing.T) {
 		}
 	}
 	for _, accounts := range []string{"http://localhost:8089", "http://[::1]:8089", "http://127.0.0.2:8089"} {
-		cfg, err = loadConfig(testEnv(accounts, map[string]string{"RATE_LIMIT": "off", "TRUST_PROXY": "10", "PORT": "65535"}), nil)
-		if err != nil || cfg.rateLimit != 0 || cfg.accountsURL != accounts || cfg.trustProxy.hops != 10 || cfg.port != "65535" {
-			t.Errorf("RATE_LIMIT=off, TRUST_PROXY=10, PORT=65535, accounts on %s: loadConfig = %+v, %v", accounts, cfg, err)
+		cfg, err = loadConfig(testEnv(accounts, map[string]string{"RATE_LIMIT": "off", "CONNECTION_LIMIT": "off", "TRUST_PROXY": "10", "PORT": "65535"}), nil)
+		if err != nil || cfg.rateLimit != 0 || cfg.connectionLimit != 0 || cfg.accountsURL != accounts || cfg.trustProxy.hops != 10 || cfg.port != "65535" {
+			t.Errorf("RATE_LIMIT=off, CONNECTION_LIMIT=off, TRUST_PROXY=10, PORT=65535, accounts on %s: loadConfig = %+v, %v", accounts, cfg, err)
 		}
 	}
 	for setting, want := range map[string][2]any{"10/s": {10, time.Second}, "600/h": {600, time.Hour}, " 3/min ": {3, time.Minute}} {
@@ -132,6 +132,7 @@ func TestLookalikeSettings(t *testing.T) {
 		"SPOTIFY_CLIENT_CALLBACK":   "SPOTIFY_CLIENT_CALLBACK_URL",
 		"spotify_client_secret":     "SPOTIFY_CLIENT_SECRET", // lower case, as in some .env files
 		"rate_limit":                "RATE_LIMIT",
+		"spotify_client_secert":     "SPOTIFY_CLIENT_SECRET", // a typo in lower case: the prefix in any case
 		"Trust_Proxy":               "TRUST_PROXY",
 		"http_proxy":                "", // lower case, and not ours
 		"port":                      "PORT",
@@ -235,6 +236,8 @@ func TestLoadConfigProblems(t *testing.T) {
 		{"connection limit in words", map[string]string{"CONNECTION_LIMIT": "many"}, []string{`CONNECTION_LIMIT: "many"`}},
 		{"origin without scheme", map[string]string{"CORS_ALLOWED_ORIGINS": "app.example.com"}, []string{`CORS_ALLOWED_ORIGINS: "app.example.com"`}},
 		{"origin in capitals", map[string]string{"CORS_ALLOWED_ORIGINS": "https://App.example.com"}, []string{`CORS_ALLOWED_ORIGINS: "https://App.example.com"`}},
+		{"origin with a query", map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com?x"}, []string{`CORS_ALLOWED_ORIGINS: "https://app.example.com?x" is not an origin`}},
+		{"origin with a user", map[string]string{"CORS_ALLOWED_ORIGINS": "https://me@app.example.com"}, []string{`CORS_ALLOWED_ORIGINS: "https://me@app.example.com" is not an origin`}},
 		{"star among origins", map[string]string{"CORS_ALLOWED_ORIGINS": "*, https://app.example.com"}, []string{"* allows every origin and must stand alone"}},
 		{"origin with the default https port", map[string]string{"CORS_ALLOWED_ORIGINS": "https://app.example.com:443"}, []string{"names the default port, which browsers leave out of Origin: write https://app.example.com"}},
 		{"origin with the default http port", map[string]string{"CORS_ALLOWED_ORIGINS": "http://app.example.com:80"}, []string{"write http://app.example.com"}},
@@ -510,6 +513,13 @@ func TestHealthcheck(t *testing.T) {
 	if err := run(t.Context(), []string{"-healthcheck"}, env, nil, io.Discard, io.Discard); err == nil {
 		t.Errorf("run -healthcheck against a stopped service = nil, want an error")
 	}
+	// Something else on PORT, answering 404: not the service, not healthy.
+	other := httptest.NewServer(http.NotFoundHandler())
+	defer other.Close()
+	otherPort := map[string]string{"PORT": strconv.Itoa(other.Listener.Addr().(*net.TCPAddr).Port)}
+	if err := run(t.Context(), []string{"-healthcheck"}, otherPort, nil, io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), "404") {
+		t.Errorf("run -healthcheck against a server answering 404 = %v, want an error naming its 404", err)
+	}
 	// A service that takes the connection and never answers: it gives up
 	// after its 2 s, as a container health check must.
 	mute, err := net.Listen("tcp", "127.0.0.1:0")
@@ -634,14 +644,15 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	t.Parallel()
 	spotify := newFakeSpotify(t, likeSpotify)
 	const delay = time.Second
-	prog := startRun(t, testEnv(spotify.url, map[string]string{"PORT": "0", "METRICS_ADDR": "127.0.0.1:0", "SHUTDOWN_DELAY": delay.String(), "RATE_LIMITS": "5/min"}))
+	// The accounts URL with a trailing slash: the service uses, and logs, it without.
+	prog := startRun(t, testEnv(spotify.url+"/", map[string]string{"PORT": "0", "METRICS_ADDR": "127.0.0.1:0", "SHUTDOWN_DELAY": delay.String(), "RATE_LIMITS": "5/min"}))
 	next := func(msg string) (string, string, string) { t.Helper(); return prog.next(t, msg) }
 	if level, _, _ := next("RATE_LIMITS is not a setting of this service: a typo of RATE_LIMIT?"); level != "WARN" {
 		t.Errorf("the warning of a misspelt setting has level %s, want WARN", level)
 	}
 	_, _, metricsURL := next("serving metrics")
 	_, _, serviceURL := next("listening")
-	if !strings.Contains(prog.line, `"sealing":false,"cors":false,"rate_limit":"off","trust_proxy":"0","connection_limit":256}`) {
+	if !strings.Contains(prog.line, `"accounts_url":"`+spotify.url+`","sealing":false,"cors":false,"rate_limit":"off","trust_proxy":"0","connection_limit":256}`) {
 		t.Errorf("the listening line %s does not say which features are on", prog.line)
 	}
 	// PORT is served on every interface, as a container needs.
@@ -698,8 +709,9 @@ func TestRunServesUntilCancelled(t *testing.T) {
 // TestRunLimitsItsListeners runs the whole program with CONNECTION_LIMIT=2:
 // on its own port a third connection from one address is closed unanswered
 // where the TCP peer is the client, not behind a count of proxies; on the
-// metrics port always; the metrics listener refuses 16 KiB of headers; and
-// what the HTTP server itself reports reaches the log as a JSON line.
+// metrics port always; both listeners cut off a client that sends half its
+// headers, and the metrics listener refuses 16 KiB of headers, as the
+// service's does.
 func TestRunLimitsItsListeners(t *testing.T) {
 	t.Parallel()
 	spotify := newFakeSpotify(t, likeSpotify)
@@ -739,6 +751,27 @@ func TestRunLimitsItsListeners(t *testing.T) {
 				}
 			}
 			if trust == "1" {
+				// Both listeners cut off a client that sends half its
+				// headers, at the 5 s header limit.
+				var wg sync.WaitGroup
+				for _, url := range []string{serviceURL, metricsURL} {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						conn, err := (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 3)}}).Dial("tcp", strings.TrimPrefix(url, "http://"))
+						if err != nil {
+							t.Error(err)
+							return
+						}
+						defer conn.Close()
+						conn.SetDeadline(time.Now().Add(10 * time.Second))
+						io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n")
+						if _, err := io.Copy(io.Discard, conn); err != nil {
+							t.Errorf("%s: a client that sends half its headers is still connected after 10 s (%v), want it cut off after 5 s", url, err)
+						}
+					}()
+				}
+				wg.Wait()
 				return
 			}
 			req, _ := http.NewRequest("GET", metricsURL+"/metrics", nil)
@@ -1291,21 +1324,26 @@ func TestMainExitStatus(t *testing.T) {
 			cmd := exec.Command(self, tt.args...)
 			cmd.Dir = dir
 			cmd.Env = append([]string{"TOKENSWAP_TEST_MAIN=1", "PORT=0"}, tt.env...)
-			out, err := cmd.CombinedOutput()
-			status := cmd.ProcessState.ExitCode()
+			var stdout, stderr strings.Builder
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			err := cmd.Run()
+			out, status := stdout.String()+stderr.String(), cmd.ProcessState.ExitCode()
 			if err != nil && status < 0 {
 				t.Fatalf("running the program: %v", err)
 			}
 			if status != tt.wantStatus {
 				t.Errorf("exit status %d, want %d; it said:\n%s", status, tt.wantStatus, out)
 			}
+			if status != 0 && stdout.Len() > 0 {
+				t.Errorf("exit status %d, and on stdout %q: a failure goes to stderr", status, stdout.String())
+			}
 			for _, want := range tt.wantOut {
-				if want = strings.ReplaceAll(want, "DIR", dir); !strings.Contains(string(out), want) {
+				if want = strings.ReplaceAll(want, "DIR", dir); !strings.Contains(out, want) {
 					t.Errorf("it said:\n%s\nwant %q in it", out, want)
 				}
 			}
 			for _, notWant := range tt.notWant {
-				if strings.Contains(string(out), notWant) {
+				if strings.Contains(out, notWant) {
 					t.Errorf("it said:\n%s\nwhich holds %q", out, notWant)
 				}
 			}

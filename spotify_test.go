@@ -306,10 +306,10 @@ func swapAtOnce(t *testing.T, serviceURL string, n int) (wait func()) {
 
 // TestUpstreamConnectionsAreReused checks that a second wave of concurrent
 // calls to Spotify reuses the first wave's connections, more of them than
-// the 100 idle ones in all that an http.Transport keeps by default.
+// an http.Transport keeps idle by default (100), or a round 256.
 func TestUpstreamConnectionsAreReused(t *testing.T) {
 	t.Parallel()
-	const wave = 150
+	const wave = 300
 	arrived, release := make(chan struct{}), make(chan struct{})
 	svc := startService(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
 		arrived <- struct{}{}
