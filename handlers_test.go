@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -1628,12 +1629,18 @@ func TestBackoff(t *testing.T) {
 	if got.status != 429 || got.body != `{"error":"rate_limited","error_description":"API rate limit exceeded"}` || got.header.Get("Retry-After") != "7" {
 		t.Errorf("Spotify's 429 = %d %s Retry-After %q, want it relayed as is", got.status, got.body, got.header.Get("Retry-After"))
 	}
-	clock.advance(2700 * time.Millisecond) // 4.3 s left: rounded up, not to the nearest
-	for _, path := range []string{tokenPath, refreshPath} {
-		got := send(t, "POST", svc.url+path, formType, "code=AQDtwo&refresh_token=AQBtwo")
-		checkError(t, "POST "+path+" during the back-off", got, 429, "temporarily_unavailable")
-		if ra := got.header.Get("Retry-After"); ra != "5" {
-			t.Errorf("POST %s 2.7 s into a 7 s back-off: Retry-After = %q, want 5", path, ra)
+	// 4.3 s left: rounded up, not to the nearest; then 4 s left: exactly 4.
+	for _, at := range []struct {
+		advance time.Duration
+		want    string
+	}{{2700 * time.Millisecond, "5"}, {300 * time.Millisecond, "4"}} {
+		clock.advance(at.advance)
+		for _, path := range []string{tokenPath, refreshPath} {
+			got := send(t, "POST", svc.url+path, formType, "code=AQDtwo&refresh_token=AQBtwo")
+			checkError(t, "POST "+path+" during the back-off", got, 429, "temporarily_unavailable")
+			if ra := got.header.Get("Retry-After"); ra != at.want {
+				t.Errorf("POST %s during a 7 s back-off, %v later: Retry-After = %q, want %s", path, at.advance, ra, at.want)
+			}
 		}
 	}
 	if n := len(svc.spotify.received()); n != 1 {
@@ -2116,6 +2123,38 @@ func TestErrorsCountedByName(t *testing.T) {
 		}
 		if want := fmt.Sprintf("tokenswap_errors_total{error=%q} %d\n", name, i+1); !strings.Contains(body, want) {
 			t.Errorf("/metrics does not hold %q", want)
+		}
+	}
+}
+
+// TestSpotifyCallsCountedByOutcome checks the code label of a call to
+// Spotify: its status where it gave one, even when the answer was cut short
+// or the client hung up meanwhile; else why it gave none.
+func TestSpotifyCallsCountedByOutcome(t *testing.T) {
+	t.Parallel()
+	var m metrics
+	calls := []struct {
+		status     int
+		err        error
+		clientGone bool
+		times      int
+		want       string
+	}{
+		{0, fmt.Errorf("%w: POST x: %w", errSpotifyTimeout, context.DeadlineExceeded), false, 1, "timeout"},
+		{0, fmt.Errorf("%w: POST x: connection refused", errSpotifyUnreachable), false, 2, "unreachable"},
+		{0, context.Canceled, true, 3, "canceled"},
+		{200, context.Canceled, true, 4, "200"},                                    // the client gone while the body came
+		{502, fmt.Errorf("%w: cut short", errSpotifyUnreachable), false, 5, "502"}, // its status, though the body was cut
+	}
+	for _, c := range calls {
+		for range c.times {
+			m.spotifyCall(c.status, c.err, c.clientGone, time.Millisecond)
+		}
+	}
+	body := scrape(&server{metrics: &m})
+	for _, c := range calls {
+		if want := fmt.Sprintf("tokenswap_spotify_requests_total{code=%q} %d\n", c.want, c.times); !strings.Contains(body, want) {
+			t.Errorf("/metrics does not hold %q:\n%s", want, body)
 		}
 	}
 }
