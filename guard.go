@@ -124,9 +124,9 @@ func clip(s string) string {
 	return s[:i]
 }
 
-// trusted reports whether addr is one of the trusted proxies.
+// trusted reports whether addr, its zone aside, is one of the trusted proxies.
 func (t trustProxy) trusted(addr netip.Addr) bool {
-	return slices.ContainsFunc(t.proxies, func(p netip.Prefix) bool { return p.Contains(addr) })
+	return slices.ContainsFunc(t.proxies, func(p netip.Prefix) bool { return p.Contains(addr.WithZone("")) })
 }
 
 // fromRight yields the entries of comma-separated header lines, such as

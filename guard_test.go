@@ -86,6 +86,7 @@ func TestClientAddress(t *testing.T) {
 		{trusted, proxy, []string{"X-Forwarded-For: " + client + ":5100, 10.0.0.9:443"}, client, false},
 		{trusted, proxy, []string{"X-Forwarded-For: " + client + ", garbage, 10.0.0.9"}, "10.0.0.2", true},
 		{trusted, proxy, []string{"X-Forwarded-For: garbage, " + client + ", 10.0.0.9"}, client, false},
+		{"fe80::/10", "[fe80::1%eth0]:4242", []string{"X-Forwarded-For: " + client}, client, false}, // a link-local proxy, its zone aside
 
 		// A header: the one address the platform's proxy writes.
 		{"Fly-Client-IP", proxy, []string{"Fly-Client-IP: " + client, "X-Forwarded-For: 1.1.1.1"}, client, false},

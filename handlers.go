@@ -78,7 +78,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	s.routes.ServeHTTP(ex, r)
 	took := time.Since(start)
-	s.metrics.request(route(r.URL.Path), ex.status, ex.oauthError, took)
+	s.metrics.request(route(r.URL.EscapedPath()), ex.status, ex.oauthError, took) // as routed: /api%2Ftoken is no token request
 	s.log(r, ex, took)
 	if ex.status == statusClientGone {
 		// Nothing was written, and nothing must be: net/http would send an

@@ -896,11 +896,25 @@ func TestSpotifyFaults(t *testing.T) {
 	}
 }
 
+// refusedAddr returns a loopback address where nothing listens, below the
+// ephemeral ports (32768 and up on Linux), so that no other test's listener
+// on port 0 can take it meanwhile, as it could take a port just closed.
+func refusedAddr(t testing.TB) string {
+	for port := 20000; port < 32768; port++ {
+		addr := "127.0.0.1:" + strconv.Itoa(port)
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			return addr
+		}
+		conn.Close()
+	}
+	t.Fatal("no loopback port below 32768 refuses connections")
+	return ""
+}
+
 func TestSpotifyDown(t *testing.T) {
 	t.Parallel()
-	down := httptest.NewServer(http.NotFoundHandler())
-	down.Close() // nothing listens at its address any more
-	svc := startService(t, likeSpotify, map[string]string{"SPOTIFY_ACCOUNTS_URL": down.URL})
+	svc := startService(t, likeSpotify, map[string]string{"SPOTIFY_ACCOUNTS_URL": "http://" + refusedAddr(t)})
 	for _, path := range []string{tokenPath, refreshPath} {
 		got := send(t, "POST", svc.url+path, formType, "code=AQDdown&refresh_token=AQBdown")
 		checkError(t, "POST "+path, got, 502, "server_error")
@@ -1027,8 +1041,6 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 // log says why without the code, the refresh token or the credentials.
 func TestFailuresLogNoSecrets(t *testing.T) {
 	t.Parallel()
-	down := httptest.NewServer(http.NotFoundHandler())
-	down.Close()
 	faults := map[string]spotifyFunc{
 		"reset": func(w http.ResponseWriter, r *http.Request, form url.Values) {
 			conn, _, _ := http.NewResponseController(w).Hijack()
@@ -1049,7 +1061,7 @@ func TestFailuresLogNoSecrets(t *testing.T) {
 	for name, fault := range faults {
 		env := map[string]string{"SPOTIFY_TIMEOUT": "100ms", "ENCRYPTION_SECRET": testSecret}
 		if name == "unreachable" {
-			env["SPOTIFY_ACCOUNTS_URL"] = down.URL
+			env["SPOTIFY_ACCOUNTS_URL"] = "http://" + refusedAddr(t)
 		}
 		svc := startService(t, fault, env)
 		sealed := newTestSealer(t, testSecret).seal("AQBraw-" + name)
@@ -1967,7 +1979,7 @@ func TestMetrics(t *testing.T) {
 	send(t, "GET", svc.url+"/healthz", noneType, "")
 	send(t, "GET", svc.url+"/healthz", noneType, "")
 	send(t, "GET", svc.url+"/", noneType, "")
-	for _, unknown := range []string{"/secret-admin-path", "/.env?x=1", tokenPath + "/", "//healthz"} {
+	for _, unknown := range []string{"/secret-admin-path", "/.env?x=1", tokenPath + "/", "//healthz", "/api%2Ftoken"} {
 		send(t, "GET", svc.url+unknown, noneType, "")
 	}
 	svc.server.metrics.connectionsRefused.Add(3) // as the capped listener counts them
@@ -2010,7 +2022,7 @@ func TestMetrics(t *testing.T) {
 		`tokenswap_requests_total{handler="healthz",code="200"} 2` + "\n",
 		`tokenswap_requests_total{handler="index",code="200"} 1` + "\n",
 		"tokenswap_requests_in_flight 0\n",
-		`tokenswap_requests_total{handler="other",code="404"} 4` + "\n", // unclean paths too
+		`tokenswap_requests_total{handler="other",code="404"} 5` + "\n", // unclean and escaped paths too
 		`tokenswap_request_duration_seconds_count{handler="token"} 9` + "\n",
 		`tokenswap_request_duration_seconds_bucket{handler="token",le="+Inf"} 9` + "\n",
 		`tokenswap_spotify_requests_total{code="200"} 3` + "\n", // one cut short: still Spotify's status
@@ -2027,7 +2039,7 @@ func TestMetrics(t *testing.T) {
 		`tokenswap_errors_total{error="server_error"} 4` + "\n",
 		`tokenswap_errors_total{error="invalid_request"} 1` + "\n",
 		`tokenswap_errors_total{error="temporarily_unavailable"} 1` + "\n",
-		`tokenswap_errors_total{error="not_found"} 4` + "\n",
+		`tokenswap_errors_total{error="not_found"} 5` + "\n",
 		`tokenswap_build_info{version="v9.9.9-test"} 1` + "\n",
 		"tokenswap_client_address_fallback_total 1\n",
 		"tokenswap_connections_refused_total 3\n",

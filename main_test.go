@@ -474,9 +474,7 @@ func TestCheck(t *testing.T) {
 	})
 	t.Run("unreachable", func(t *testing.T) {
 		t.Parallel()
-		down := httptest.NewServer(http.NotFoundHandler())
-		down.Close()
-		err := run(t.Context(), []string{"-check"}, testEnv(down.URL, nil), nil, io.Discard, io.Discard)
+		err := run(t.Context(), []string{"-check"}, testEnv("http://"+refusedAddr(t), nil), nil, io.Discard, io.Discard)
 		if !errors.Is(err, errSpotifyUnreachable) || errors.As(err, new(setupError)) {
 			t.Errorf("run -check = %v, want errSpotifyUnreachable, no setupError: exit 1, not 2", err)
 		}
@@ -1259,12 +1257,8 @@ func TestMainExitStatus(t *testing.T) {
 	failing := newFakeSpotify(t, func(w http.ResponseWriter, r *http.Request, form url.Values) {
 		spotifyError(w, 500, "server_error", "Internal error")
 	})
-	closed, err := net.Listen("tcp", "127.0.0.1:0") // a port nothing listens on
-	if err != nil {
-		t.Fatal(err)
-	}
-	closed.Close()
-	closedPort := "PORT=" + strconv.Itoa(closed.Addr().(*net.TCPAddr).Port)
+	_, port, _ := net.SplitHostPort(refusedAddr(t))
+	closedPort := "PORT=" + port
 	taken, err := net.Listen("tcp", ":0") // a port something else holds
 	if err != nil {
 		t.Fatal(err)
