@@ -590,6 +590,11 @@ func TestConnectionLimit(t *testing.T) {
 	}
 }
 
+// limiterClock runs the service's own limiter, as RATE_LIMIT made it, on clock.
+func limiterClock(clock *fakeClock) func(*server, *spotifyClient) {
+	return func(s *server, _ *spotifyClient) { s.guard.limiter.now, s.guard.limiter.epoch = clock.now, clock.now() }
+}
+
 // TestRateLimit runs RATE_LIMIT through the whole handler stack: every POST
 // to a token endpoint counts, valid or not; nothing else does; a client over
 // the limit gets 429 with Retry-After, and Spotify is not called.
@@ -597,7 +602,7 @@ func TestRateLimit(t *testing.T) {
 	t.Parallel()
 	clock := newFakeClock()
 	svc := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "2/min", "CORS_ALLOWED_ORIGINS": "https://app.example.com"},
-		func(s *server, _ *spotifyClient) { s.guard.limiter = newLimiter(2, time.Minute, clock.now) })
+		limiterClock(clock))
 	for range 5 {
 		send(t, "GET", svc.url+"/healthz", noneType, "")
 		send(t, "GET", svc.url+"/", noneType, "")
@@ -740,7 +745,7 @@ func TestRateLimitPerSecond(t *testing.T) {
 	t.Parallel()
 	clock := newFakeClock()
 	svc := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "4/s"},
-		func(s *server, _ *spotifyClient) { s.guard.limiter = newLimiter(4, time.Second, clock.now) })
+		limiterClock(clock))
 	post := func() reply { return send(t, "POST", svc.url+tokenPath, formType, "code=AQDfast") }
 	for i := range 4 {
 		if got := post(); got.status != 200 {
@@ -767,7 +772,7 @@ func TestRateLimitPerNetwork(t *testing.T) {
 	t.Parallel()
 	clock := newFakeClock()
 	svc := startService(t, likeSpotify, map[string]string{"RATE_LIMIT": "1/min", "TRUST_PROXY": "1"},
-		func(s *server, _ *spotifyClient) { s.guard.limiter = newLimiter(1, time.Minute, clock.now) })
+		limiterClock(clock))
 	post := func(from string) reply {
 		return send(t, "POST", svc.url+tokenPath, formType, "code=AQDv6", "X-Forwarded-For", from)
 	}
