@@ -730,7 +730,7 @@ func TestRateLimitBehindProxies(t *testing.T) {
 		send(t, "POST", direct.url+tokenPath, formType, "code=AQDproxy", "X-Forwarded-For", "203.0.113.7")
 	}
 	direct.close()
-	if n := strings.Count(direct.log.String(), "TRUST_PROXY is 0"); n != 1 {
+	if n := strings.Count(direct.log.String(), `"level":"WARN","msg":"a request came with X-Forwarded-For but TRUST_PROXY is 0`); n != 1 {
 		t.Errorf("requests with X-Forwarded-For and TRUST_PROXY=0: %d warnings, want 1:\n%s", n, direct.log)
 	}
 	if lines := logLines(t, direct.log.String()); lines[len(lines)-1].Client != "127.0.0.1" {
