@@ -187,6 +187,7 @@ func TestLimitKeys(t *testing.T) {
 		{"2002:cb00:7107:1:2::3", v4("203.0.113.7"), clientKey{}}, // 6to4
 		{"2001:db8:1:2:3:4:5:6", v6("2001:db8:1:2::", 64), v6("2001:db8:1::", 48)},
 		{"2001:db8:1:2:ffff::9", v6("2001:db8:1:2::", 64), v6("2001:db8:1::", 48)},
+		{"2001:db8:1:ff02::9", v6("2001:db8:1:ff02::", 64), v6("2001:db8:1::", 48)},
 		{"fe80::1%eth0", v6("fe80::", 64), v6("fe80::", 48)},
 		{"64:ff9b:1::cb00:7107", v6("64:ff9b:1::", 64), v6("64:ff9b:1::", 48)}, // RFC 8215's local NAT64: no IPv4 inside
 	}
@@ -777,11 +778,11 @@ func TestRateLimitPerNetwork(t *testing.T) {
 		return send(t, "POST", svc.url+tokenPath, formType, "code=AQDv6", "X-Forwarded-For", from)
 	}
 	for i := range 16 {
-		if got := post(fmt.Sprintf("2001:db8:7:%x::1", i)); got.status != 200 {
+		if got := post(fmt.Sprintf("2001:db8:7:%x00::1", i)); got.status != 200 { // each in a /56 of its own
 			t.Fatalf("/64 number %d of one /48 = %d, want 200", i+1, got.status)
 		}
 	}
-	got := post("2001:db8:7:ff::1")
+	got := post("2001:db8:7:ffff::1")
 	checkError(t, "a 17th /64 of one /48", got, 429, "temporarily_unavailable")
 	if ra := got.header.Get("Retry-After"); ra != "4" || !strings.Contains(got.body, "network") {
 		t.Errorf("a 17th /64 of one /48: Retry-After %q, body %s; want 4 (60/16 s, rounded up) and the /48 named", ra, got.body)

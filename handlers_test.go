@@ -499,9 +499,9 @@ func TestSwapsAndRefreshes(t *testing.T) {
 		{
 			name: "a body of exactly 64 KiB is read",
 			path: tokenPath, contentType: formType,
-			body:       "code=" + strings.Repeat("c", maxBodyBytes-len("code=")),
-			wantForm:   "grant_type=authorization_code&code=" + strings.Repeat("c", maxBodyBytes-len("code=")) + "&redirect_uri=testapp%3A%2F%2Fcallback",
-			wantStatus: 200, wantBody: tokenJSON("at-"+strings.Repeat("c", maxBodyBytes-len("code=")), "rt-"+strings.Repeat("c", maxBodyBytes-len("code="))),
+			body:       "code=" + strings.Repeat("c", 64<<10-len("code=")),
+			wantForm:   "grant_type=authorization_code&code=" + strings.Repeat("c", 64<<10-len("code=")) + "&redirect_uri=testapp%3A%2F%2Fcallback",
+			wantStatus: 200, wantBody: tokenJSON("at-"+strings.Repeat("c", 64<<10-len("code=")), "rt-"+strings.Repeat("c", 64<<10-len("code="))),
 		},
 	}
 	for _, tt := range tests {
@@ -704,7 +704,7 @@ func TestHealthAndIndex(t *testing.T) {
 func TestSpotifyFaults(t *testing.T) {
 	t.Parallel()
 	huge := `{"access_token":"` + strings.Repeat("a", 2<<20) + `"}`
-	oneMiB := `{"access_token":"` + strings.Repeat("a", maxAnswerBytes-len(`{"access_token":""}`)) + `"}`
+	oneMiB := `{"access_token":"` + strings.Repeat("a", 1<<20-len(`{"access_token":""}`)) + `"}`
 	tests := []struct {
 		name           string
 		answer         spotifyFunc
@@ -1387,7 +1387,7 @@ func FuzzRequestBody(f *testing.F) {
 		switch {
 		case media != "" && media != formType && media != jsonType:
 			refused(415, "the media type is neither form nor JSON")
-		case len(body) > maxBodyBytes:
+		case len(body) > 64<<10:
 			refused(413, "the body is over the limit")
 		case media != jsonType && strings.HasPrefix(strings.TrimLeft(body, " \t\r\n"), "{"):
 			refused(400, "a form body that is JSON")
