@@ -337,6 +337,18 @@ func TestUpstreamConnectionsAreReused(t *testing.T) {
 	}
 }
 
+// TestUpstreamTransport checks that the upstream transport keeps Go's
+// defaults where it does not set its own: HTTPS_PROXY honoured, a limit on
+// the TLS handshake, idle connections closed in time.
+func TestUpstreamTransport(t *testing.T) {
+	t.Parallel()
+	tr := newSpotifyClient(defaultAccountsURL, "id", "secret", time.Second).transport.(*http.Transport)
+	if tr.Proxy == nil || tr.TLSHandshakeTimeout == 0 || tr.IdleConnTimeout == 0 || tr.MaxIdleConns != 0 {
+		t.Errorf("upstream transport: proxy from the environment %v, TLS handshake limit %v, idle timeout %v, idle connections in all %d; want Go's first three, and no limit on the last",
+			tr.Proxy != nil, tr.TLSHandshakeTimeout, tr.IdleConnTimeout, tr.MaxIdleConns)
+	}
+}
+
 // TestNoUpstreamCeiling holds more calls at Spotify at once than the old
 // ceiling of 256 connections allowed, and checks that none waits for another:
 // with Spotify slow, a ceiling halves the throughput.
