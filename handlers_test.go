@@ -2217,6 +2217,14 @@ func TestHistogram(t *testing.T) {
 	if !strings.Contains(b.String(), `y_seconds_bucket{le="+Inf"} 4`+"\n") || !strings.Contains(b.String(), "y_seconds_count 4\n") {
 		t.Errorf("histogram without labels:\n%s", b.String())
 	}
+	// The bounds, from 5 ms for the service's own answers to 10 s for Spotify's.
+	var bounds []string
+	for _, m := range regexp.MustCompile(`le="([^"]+)"`).FindAllStringSubmatch(b.String(), -1) {
+		bounds = append(bounds, m[1])
+	}
+	if got, want := strings.Join(bounds, " "), "0.005 0.01 0.025 0.05 0.1 0.25 0.5 1 2.5 5 10 +Inf"; got != want {
+		t.Errorf("histogram bounds %s, want %s", got, want)
+	}
 }
 
 // TestLogPath checks which path segments the log masks: those longer than
