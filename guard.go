@@ -59,11 +59,10 @@ func (g *guard) client(r *http.Request) netip.Addr {
 			return peer // not through the proxies: their own health check
 		}
 		return g.pick(nthFromRight(forwarded, t.hops), peer)
+	case t.proxies != nil && !t.trusted(peer):
+		return peer // not through the proxies
 	case t.proxies != nil:
 		client := peer
-		if !t.trusted(peer) {
-			return peer
-		}
 		for entry := range fromRight(forwarded) {
 			addr, ok := parseEntry(entry)
 			if !ok || !t.trusted(addr) {

@@ -138,6 +138,8 @@ func TestParseTrustProxy(t *testing.T) {
 		"10.1.2.3/8, 2606:4700::/32": "proxies [10.0.0.0/8 2606:4700::/32]",
 		"192.0.2.1":                  "proxies [192.0.2.1/32]",
 		"::ffff:192.0.2.1":           "proxies [192.0.2.1/32]",
+		"::ffff:10.0.0.0/104":        "proxies [10.0.0.0/8]", // IPv4-mapped, as peers are not
+		"::ffff:10.0.0.0/100":        "error TRUST_PROXY: ::ffff:10.0.0.0/100 trusts far more",
 		"2001:db8::1":                "proxies [2001:db8::1/128]",
 		"fe80::1%eth0":               "proxies [fe80::1/128]",
 		"11":                         `error TRUST_PROXY: "11" is not a number of proxies from 0 to 10`,

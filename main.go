@@ -647,7 +647,10 @@ func parseTrustProxy(s string) (trustProxy, error) {
 	for _, item := range splitList(s) {
 		p, err := netip.ParsePrefix(item)
 		if addr, err2 := netip.ParseAddr(item); err2 == nil {
-			p, err = addr.Unmap().WithZone("").Prefix(addr.Unmap().BitLen())
+			p, err = addr.WithZone("").Prefix(addr.BitLen())
+		}
+		if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 { // ::ffff:10.0.0.0/104 is 10.0.0.0/8, as peers are seen
+			p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
 		}
 		switch {
 		case err != nil:
