@@ -65,6 +65,9 @@ func newFakeSpotify(t testing.TB, answer spotifyFunc) *fakeSpotify {
 		if got, want := r.Header.Get("Content-Type"), "application/x-www-form-urlencoded"; got != want {
 			t.Errorf("Spotify got Content-Type %q, want %q", got, want)
 		}
+		if got := r.Header.Get("Accept-Encoding"); got != "" { // an answer of a few hundred bytes: not worth gzip
+			t.Errorf("Spotify got Accept-Encoding %q, want none", got)
+		}
 		body, err := io.ReadAll(r.Body)
 		if err != nil {
 			t.Errorf("Spotify reading the body: %v", err)
