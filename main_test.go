@@ -138,6 +138,7 @@ func TestLookalikeSettings(t *testing.T) {
 		"port":                      "PORT",
 		"HOME":                      "", // not ours
 		"PATH":                      "", // two letters from PORT, and no look-alike
+		"UID":                       "", // one letter from ID: a name must match a setting's words, or have its prefix
 		"HOSTNAME":                  "",
 		"GENERATE_SOURCEMAP":        "", // holds RATE_, but does not start with it
 		"MY_SPOTIFY_TOKEN":          "",
