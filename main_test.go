@@ -510,8 +510,11 @@ func TestHealthcheck(t *testing.T) {
 		t.Errorf("run -healthcheck against a service that is stopping = %v, want an error naming its 503", err)
 	}
 	srv.Close()
-	if err := run(t.Context(), []string{"-healthcheck"}, env, nil, io.Discard, io.Discard); err == nil {
-		t.Errorf("run -healthcheck against a stopped service = nil, want an error")
+	// Nothing on PORT: a port nothing listens on, not the one just closed,
+	// which a parallel test's listener could take.
+	_, refused, _ := net.SplitHostPort(refusedAddr(t))
+	if err := run(t.Context(), []string{"-healthcheck"}, map[string]string{"PORT": refused}, nil, io.Discard, io.Discard); err == nil {
+		t.Errorf("run -healthcheck with nothing on PORT = nil, want an error")
 	}
 	// Something else on PORT, answering 404: not the service, not healthy.
 	other := httptest.NewServer(http.NotFoundHandler())
